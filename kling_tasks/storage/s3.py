@@ -1,0 +1,280 @@
+"""An S3 prefix as a sink (AWS, MinIO, R2, moto: whatever boto3's standard chain points at)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import httpx
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from .base import (
+    PRESIGN_MAX_SECONDS,
+    DestinationError,
+    StoredObject,
+    check_key,
+    clean_metadata,
+    content_type_for,
+)
+from .download import fetch_to
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
+PART_SIZE = MIN_PART_SIZE  # smallest legal part = least memory held; 10 000 parts still allow ~48 GiB
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+class S3Sink:
+    """Objects under `s3://bucket/prefix/{key}`; sha256 and the caller's ids go into user metadata."""
+
+    def __init__(
+        self, bucket: str, prefix: str = "", *, client: S3Client | None = None, part_size: int = PART_SIZE
+    ) -> None:
+        if part_size < MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.part_size = part_size
+        self._client = client
+
+    @property
+    def client(self) -> S3Client:
+        # Built lazily through the standard chain: env keys, profiles, roles, AWS_ENDPOINT_URL[_S3].
+        if self._client is None:
+            self._client = boto3.client("s3")
+        return self._client
+
+    @property
+    def dest(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def __repr__(self) -> str:  # never the client: its repr is harmless today, but keep credentials out
+        return f"S3Sink({self.dest!r})"
+
+    def _full(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _obj(self, key: str, size: int, sha256: str) -> StoredObject:
+        return StoredObject(uri=f"s3://{self.bucket}/{self._full(key)}", size=size, sha256=sha256, key=key)
+
+    def _error(self, exc: Exception, action: str) -> DestinationError:
+        """One line, no secrets: only error codes and the endpoint, never botocore's full text."""
+        where = f"s3://{self.bucket}"
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            return DestinationError(
+                f"no usable AWS credentials to {action} {where} "
+                "(set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)"
+            )
+        if isinstance(exc, BotoConnectionError):
+            endpoint = self.client.meta.endpoint_url
+            return DestinationError(
+                f"cannot reach S3 endpoint {endpoint} to {action} {where}", retryable=True
+            )
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", "?"))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in ("NoSuchBucket",) or (action == "reach" and status == 404):
+                return DestinationError(f"bucket {self.bucket} does not exist (cannot {action} {where})")
+            if code in _DENIED or status == 403:
+                return DestinationError(f"access denied to {action} {where} ({code})")
+            return DestinationError(f"S3 refused to {action} {where}: {code}", retryable=status >= 500)
+        return DestinationError(f"S3 error while trying to {action} {where}: {type(exc).__name__}")
+
+    def check_reachable(self) -> None:
+        probe = self._full(".kling-write-check")
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "reach") from None  # `from None`: keep botocore's text out of tracebacks
+        try:  # a bucket we can see but not write to would only fail after the first paid step
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "write to") from None
+        with contextlib.suppress(BotoCoreError, ClientError):
+            self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def head(self, key: str) -> StoredObject | None:
+        try:
+            resp = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
+                return None
+            raise self._error(exc, "read") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "read") from None
+        sha = resp.get("Metadata", {}).get("sha256")
+        if not sha:  # not ours, or a crash between completing a multipart upload and tagging it
+            return None
+        return self._obj(key, int(resp["ContentLength"]), sha)
+
+    def store_from_url(
+        self,
+        url: str,
+        key: str,
+        *,
+        metadata: Mapping[str, str],
+        expected_size: int | None = None,
+        allow_private: bool = False,
+        http: httpx.Client | None = None,
+    ) -> StoredObject:
+        existing = self.head(key)
+        if existing is not None and (expected_size is None or existing.size == expected_size):
+            return existing
+        upload = _Upload(self, self._full(key), content_type_for(key), clean_metadata(metadata))
+        try:
+            got = fetch_to(
+                url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http
+            )
+            upload.finish(got.sha256)
+        except BaseException:
+            upload.abort()
+            raise
+        return self._obj(key, got.size, got.sha256)
+
+    def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
+        sha = hashlib.sha256(data).hexdigest()
+        try:  # a single PutObject is atomic: readers see the old object or the new one
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self._full(key),
+                Body=data,
+                ContentType=content_type,
+                Metadata={"sha256": sha},
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "write to") from None
+        return self._obj(key, len(data), sha)
+
+    def read_bytes(self, key: str) -> bytes | None:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+            return resp["Body"].read()
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
+                return None
+            raise self._error(exc, "read") from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "read") from None
+
+    def copy(self, src_key: str, dst_key: str) -> StoredObject:
+        """Server-side copy keeping metadata (sha256 included); no-op if dst already has the same bytes."""
+        src = self.head(src_key)
+        if src is None:
+            raise DestinationError(f"cannot copy: s3://{self.bucket}/{self._full(src_key)} does not exist")
+        dst = self.head(dst_key)
+        if dst is not None and dst.sha256 == src.sha256:
+            return dst
+        try:  # CopyObject handles up to 5 GiB, far above a 3-minute video
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._full(dst_key),
+                MetadataDirective="COPY",
+                CopySource={"Bucket": self.bucket, "Key": self._full(src_key)},
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error(exc, "copy within") from None
+        return self._obj(dst_key, src.size, src.sha256)
+
+    def link(self, key: str, expires_seconds: int = PRESIGN_MAX_SECONDS) -> str:
+        try:
+            return self.client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": self._full(key)},
+                ExpiresIn=min(expires_seconds, PRESIGN_MAX_SECONDS),
+            )
+        except BotoCoreError as exc:
+            raise self._error(exc, "sign a link to") from None
+
+
+class _Upload:
+    """Buffers one part at a time; a body smaller than one part becomes a single PutObject."""
+
+    def __init__(self, sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
+        self.sink, self.key, self.content_type, self.metadata = sink, full_key, content_type, metadata
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.parts: list[CompletedPartTypeDef] = []
+
+    def _call(self, action: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(Bucket=self.sink.bucket, Key=self.key, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise self.sink._error(exc, action) from None
+
+    def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+        size = self.sink.part_size
+        while len(self.buf) >= size:
+            self._send(bytes(self.buf[:size]))
+            del self.buf[:size]
+
+    def _send(self, data: bytes) -> None:
+        s3 = self.sink.client
+        if self.upload_id is None:
+            # sha256 is unknown until the end, so it is added by the in-place copy in finish().
+            created = self._call(
+                "upload to", s3.create_multipart_upload, ContentType=self.content_type, Metadata=self.metadata
+            )
+            self.upload_id = str(created["UploadId"])
+        number = len(self.parts) + 1
+        part = self._call("upload to", s3.upload_part, UploadId=self.upload_id, PartNumber=number, Body=data)
+        self.parts.append({"ETag": part["ETag"], "PartNumber": number})
+
+    def finish(self, sha256: str) -> None:
+        s3 = self.sink.client
+        metadata = {**self.metadata, "sha256": sha256}
+        if self.upload_id is None:
+            self._call(
+                "upload to",
+                s3.put_object,
+                Body=bytes(self.buf),
+                ContentType=self.content_type,
+                Metadata=metadata,
+            )
+            return
+        if self.buf:
+            self._send(bytes(self.buf))
+        upload_id, self.upload_id = self.upload_id, None
+        self._call(
+            "upload to",
+            s3.complete_multipart_upload,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": self.parts},
+        )
+        try:  # head() ignores objects without sha256, so the window before this copy is harmless
+            self._call(
+                "tag",
+                s3.copy_object,
+                CopySource={"Bucket": self.sink.bucket, "Key": self.key},
+                Metadata=metadata,
+                MetadataDirective="REPLACE",
+                ContentType=self.content_type,
+            )
+        except BaseException:
+            with contextlib.suppress(BotoCoreError, ClientError):
+                s3.delete_object(Bucket=self.sink.bucket, Key=self.key)
+            raise
+
+    def abort(self) -> None:
+        if self.upload_id is not None:
+            with contextlib.suppress(BotoCoreError, ClientError):
+                self.sink.client.abort_multipart_upload(
+                    Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id
+                )
+            self.upload_id = None
