@@ -1,0 +1,121 @@
+"""The per-job manifest: `{dest}/{job_id}/manifest.json`, rewritten after every step (DESIGN §4)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator
+
+from .storage import Sink
+
+SCHEMA_VERSION = 1
+_SECRET_WORDS = ("key", "secret", "token", "password")
+
+StepKind = Literal["text2video", "image2video", "video-extend"]
+StepStatus = Literal["pending", "submitted", "processing", "succeed", "failed", "stored"]
+JobStatus = Literal["pending", "running", "succeeded", "failed"]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def manifest_key(job_id: str) -> str:
+    return f"{job_id}/manifest.json"
+
+
+def step_key(job_id: str, index: int) -> str:
+    return f"{job_id}/step-{index:02d}.mp4"
+
+
+def final_key(job_id: str) -> str:
+    return f"{job_id}/final.mp4"
+
+
+def strip_secrets(value: Any) -> Any:
+    """Drop, at any depth, every dict entry whose name looks secret. Over-strips on purpose
+    (`keyframes` goes too): the caller already sanitizes, this is only the second line of defence."""
+    if isinstance(value, dict):
+        return {
+            k: strip_secrets(v)
+            for k, v in value.items()
+            if not any(word in str(k).lower() for word in _SECRET_WORDS)
+        }
+    if isinstance(value, list | tuple):
+        return [strip_secrets(v) for v in value]
+    return value
+
+
+class StepRecord(BaseModel):
+    model_config = ConfigDict(validate_assignment=True)
+
+    index: int = Field(ge=0)  # 0 = the generation, 1..N the extensions
+    name: str
+    kind: StepKind
+    external_task_id: str
+    task_id: str | None = None
+    video_id: str | None = None
+    status: StepStatus = "pending"
+    status_msg: str | None = None
+    duration: float | None = None
+    credits: float | None = None
+    queued_seconds: float | None = None
+    processing_seconds: float | None = None
+    uri: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    request_id: str | None = None
+    updated_at: str | None = None
+
+
+class Manifest(BaseModel):
+    # extra keys (from a newer writer) are ignored on load; computed fields are not re-read.
+    model_config = ConfigDict(validate_assignment=True)
+
+    schema_version: int = SCHEMA_VERSION
+    job_id: str
+    provider: str
+    spec: dict[str, Any] = Field(default_factory=dict)
+    estimated_credits: float | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    status: JobStatus = "pending"
+    final_uri: str | None = None
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
+
+    @field_validator("spec")
+    @classmethod
+    def _strip_spec(cls, value: dict[str, Any]) -> dict[str, Any]:
+        stripped: dict[str, Any] = strip_secrets(value)
+        return stripped
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def credits_charged(self) -> float:
+        return float(sum(s.credits or 0.0 for s in self.steps))
+
+    def step(self, index: int) -> StepRecord | None:
+        return next((s for s in self.steps if s.index == index), None)
+
+    def update_step(self, index: int, **fields: Any) -> StepRecord:
+        """Set fields on step `index` (validated), creating the record if it is new; stamps times."""
+        now = utc_now()
+        current = self.step(index)
+        data = {**(current.model_dump() if current else {}), **fields, "index": index, "updated_at": now}
+        record = StepRecord.model_validate(data)
+        self.steps = sorted([s for s in self.steps if s.index != index] + [record], key=lambda s: s.index)
+        self.updated_at = now
+        return record
+
+
+def load_manifest(sink: Sink, job_id: str) -> Manifest | None:
+    raw = sink.read_bytes(manifest_key(job_id))
+    return None if raw is None else Manifest.model_validate_json(raw)
+
+
+def save_manifest(sink: Sink, manifest: Manifest) -> None:
+    """Atomic rewrite (the sink writes a temp file / a single PutObject), pretty JSON."""
+    manifest.updated_at = utc_now()
+    body = manifest.model_dump_json(indent=2).encode() + b"\n"
+    sink.write_bytes(manifest_key(manifest.job_id), body, "application/json")
