@@ -1,0 +1,405 @@
+"""Async Kling client: create / get / get_by_external_id / list / submit / wait, for Kling and CometAPI.
+
+Retries live here and nowhere else in this layer: GETs retry transient failures with capped, jittered
+exponential backoff; a create POST is sent once by ``create`` and only ``submit`` may send it again, after a
+lookup proved that nothing was created (DESIGN §2.3). 1302/1303 on a POST are raised, not resent: the Prefect
+layer backs off and retries those. Request headers are never logged or put into an error.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar, Self
+from urllib.parse import quote
+
+import anyio
+import httpx
+from pydantic import ValidationError
+
+from kling_tasks.api.auth import Auth, auth_from_settings
+from kling_tasks.api.errors import (
+    AmbiguousSubmitError,
+    AuthError,
+    BackPressureError,
+    InvalidRequestError,
+    KlingError,
+    KlingProtocolError,
+    LookupUnsupportedError,
+    NotFoundError,
+    ServerError,
+    TransportError,
+    error_for_code,
+    error_for_status,
+)
+from kling_tasks.api.models import TaskKind, TaskRequest, TaskSnapshot
+from kling_tasks.api.polling import OnUpdate, PollPolicy, wait_for_task
+from kling_tasks.settings import KlingSettings
+
+__all__ = ["KlingClient", "RetryPolicy", "SubmitResult"]
+
+log = logging.getLogger("kling_tasks.api")
+
+EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SUCCESS_CODES = (0, 200)  # Kling says 0; some proxies say 200 (reference §18.14)
+# httpx errors raised before a single byte of the request left this machine.
+_NOT_SENT = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.LocalProtocolError,
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient failures: delay n = min(max_delay, base_delay·2ⁿ)·(1 + U(0, jitter))."""
+
+    attempts: int = 4  # total tries of one GET
+    base_delay: float = 1.0  # Kling's advice: start at >= 1 s
+    max_delay: float = 20.0
+    jitter: float = 0.25
+    max_posts: int = 3  # total create POSTs one submit() may send
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def delay(self, attempt: int) -> float:
+        return float(
+            min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + self.rng.uniform(0.0, self.jitter))
+        )
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    snapshot: TaskSnapshot
+    adopted: bool  # True: the task already existed at Kling (no POST was needed)
+
+
+class KlingClient:
+    """One pooled ``httpx.AsyncClient``; use ``async with KlingClient(settings) as client``."""
+
+    _lookup_warned: ClassVar[set[str]] = set()
+
+    def __init__(
+        self,
+        settings: KlingSettings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] | None = None,
+        clock: Callable[[], float] | None = None,
+        retry: RetryPolicy | None = None,
+        poll_policy: PollPolicy | None = None,
+        auth: Auth | None = None,
+    ) -> None:
+        self.settings = settings
+        self._auth = auth or auth_from_settings(settings)  # ConfigError before any request
+        self._sleep = sleep or anyio.sleep
+        self._clock = clock or time.monotonic
+        self._retry = retry or RetryPolicy()
+        self._poll = poll_policy or PollPolicy(
+            min_interval=settings.poll_min_seconds,
+            max_interval=settings.poll_max_seconds,
+            processing_timeout=settings.wait_timeout_seconds,
+            queue_timeout=settings.queue_timeout_seconds,
+        )
+        self._prefix = ("/kling" if settings.provider == "cometapi" else "") + "/v1/videos"
+        timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        self._http = httpx.AsyncClient(
+            base_url=settings.base_url, transport=transport, timeout=timeout, follow_redirects=False
+        )
+
+    def __repr__(self) -> str:
+        return f"KlingClient(provider={self.settings.provider!r}, base_url={self.settings.base_url!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- HTTP ---------------------------------------------------------------------------------------------
+
+    def _path(self, kind: TaskKind, tail: str | None = None) -> str:
+        return f"{self._prefix}/{kind}" + (f"/{quote(tail, safe='')}" if tail is not None else "")
+
+    def _redact(self, text: str) -> str:
+        for secret in self._auth.secrets():
+            text = text.replace(secret, "***")
+        return text
+
+    async def _send_once(
+        self,
+        method: str,
+        path: str,
+        json: dict[str, Any] | None,
+        params: dict[str, Any] | None,
+        external_task_id: str | None,
+    ) -> tuple[Any, str | None]:
+        headers = {"Authorization": self._auth.authorization(), "Accept": "application/json"}
+        try:
+            resp = await self._http.request(method, path, json=json, params=params, headers=headers)
+        except httpx.RequestError as exc:
+            # `from None`: httpx exceptions hold the request (and its Authorization header); don't chain them.
+            raise TransportError(
+                f"{method} {path} failed: {type(exc).__name__}: {self._redact(str(exc))}",
+                may_have_been_sent=not isinstance(exc, _NOT_SENT),
+                external_task_id=external_task_id,
+            ) from None
+        status = resp.status_code
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        code = body.get("code") if isinstance(body, dict) else None
+        if isinstance(body, dict) and isinstance(code, int) and not isinstance(code, bool):
+            request_id = body.get("request_id")
+            request_id = str(request_id) if request_id is not None else None
+            if code in SUCCESS_CODES and resp.is_success:
+                return body.get("data"), request_id
+            cls = error_for_status(status) if code in SUCCESS_CODES else error_for_code(code, status)
+            message = str(body.get("message") or f"HTTP {status}")
+            raise cls(
+                self._redact(message)[:500],
+                request_id=request_id,
+                http_status=status,
+                code=None if code in SUCCESS_CODES else code,
+                external_task_id=external_task_id,
+            )
+        # Not Kling JSON (a proxy, a load balancer, an HTML error page): fall back on the HTTP status.
+        snippet = self._redact(resp.text[:200]).replace("\n", " ")
+        if resp.is_success:
+            raise KlingProtocolError(
+                f"{method} {path}: HTTP {status} body is not a Kling envelope: {snippet!r}",
+                http_status=status,
+                external_task_id=external_task_id,
+            )
+        raise error_for_status(status)(
+            f"{method} {path}: HTTP {status} without a Kling error body: {snippet!r}",
+            http_status=status,
+            external_task_id=external_task_id,
+        )
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+        retry: bool,
+        external_task_id: str | None = None,
+    ) -> tuple[Any, str | None]:
+        reminted = False
+        attempt = 0
+        while True:
+            try:
+                return await self._send_once(method, path, json, params, external_task_id)
+            except AuthError as exc:
+                # 1003/1004: the token was refused, so nothing was created: re-mint once and resend once.
+                if exc.code in (1003, 1004) and not reminted and self._auth.force_refresh():
+                    reminted = True
+                    log.info("%s %s: token refused (code %s), re-minting once", method, path, exc.code)
+                    continue
+                raise
+            except KlingError as exc:
+                if not retry or not exc.retryable or attempt + 1 >= self._retry.attempts:
+                    raise
+                delay = self._retry.delay(attempt)
+                attempt += 1
+                log.warning("%s %s: %s; retry %d in %.1f s", method, path, exc, attempt, delay)
+                await self._sleep(delay)
+
+    def _snapshot(self, data: Any, request_id: str | None, what: str) -> TaskSnapshot:
+        if not isinstance(data, dict) or not data.get("task_id"):
+            raise KlingProtocolError(f"{what}: success envelope without data.task_id", request_id=request_id)
+        try:
+            return TaskSnapshot.model_validate({**data, "request_id": request_id})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise KlingProtocolError(
+                f"{what}: unexpected task object ({problems})",
+                request_id=request_id,
+                task_id=str(data["task_id"]),
+            ) from None
+
+    # ---- operations ---------------------------------------------------------------------------------------
+
+    async def create(self, request: TaskRequest, external_task_id: str | None) -> TaskSnapshot:
+        """Exactly one create POST (never retried here; only the JWT re-mint may resend it)."""
+        body = request.to_body(self.settings.provider)
+        if external_task_id is not None:
+            body["external_task_id"] = external_task_id
+        data, request_id = await self._request(
+            "POST", self._path(request.kind), json=body, retry=False, external_task_id=external_task_id
+        )
+        snap = self._snapshot(data, request_id, f"create {request.kind}")
+        if snap.external_task_id is None and external_task_id is not None:
+            snap = snap.model_copy(update={"external_task_id": external_task_id})
+        log.info(
+            "created %s task %s (external_task_id=%s, request_id=%s)",
+            request.kind,
+            snap.task_id,
+            external_task_id,
+            request_id,
+        )
+        return snap
+
+    async def get(self, kind: TaskKind, task_id: str) -> TaskSnapshot:
+        if not task_id:
+            raise InvalidRequestError("task_id is empty")
+        data, request_id = await self._request("GET", self._path(kind, task_id), retry=True)
+        if isinstance(data, builtins.list):  # tolerate a one-element list
+            data = next((d for d in data if isinstance(d, dict) and str(d.get("task_id")) == task_id), None)
+        return self._snapshot(data, request_id, f"get {kind}/{task_id}")
+
+    async def list(
+        self, kind: TaskKind, page_num: int = 1, page_size: int = 30
+    ) -> builtins.list[TaskSnapshot]:
+        if not (1 <= page_num <= 1000 and 1 <= page_size <= 500):
+            raise InvalidRequestError("page_num must be in [1, 1000] and page_size in [1, 500]")
+        params = {"pageNum": page_num, "pageSize": page_size}
+        data, request_id = await self._request("GET", self._path(kind), params=params, retry=True)
+        items = data if isinstance(data, builtins.list) else [] if data is None else [data]
+        return [self._snapshot(item, request_id, f"list {kind}") for item in items]
+
+    async def get_by_external_id(self, kind: TaskKind, external_task_id: str) -> TaskSnapshot | None:
+        """The task created with ``external_task_id``, or None; wire form per ``external_id_lookup``."""
+        mode = self.settings.external_id_lookup
+        if mode == "off":
+            raise LookupUnsupportedError(
+                "looking tasks up by external_task_id is switched off (KLING_EXTERNAL_ID_LOOKUP=off)",
+                external_task_id=external_task_id,
+            )
+        if mode in ("auto", "query"):
+            found = await self._lookup(kind, external_task_id, query=True, tolerant=mode == "auto")
+            if found is not None or mode == "query":
+                return found
+        return await self._lookup(kind, external_task_id, query=False, tolerant=mode == "auto")
+
+    async def _lookup(self, kind: TaskKind, ext: str, *, query: bool, tolerant: bool) -> TaskSnapshot | None:
+        path = self._path(kind) if query else self._path(kind, ext)
+        params = {"external_task_id": ext} if query else None
+        try:
+            data, request_id = await self._request(
+                "GET", path, params=params, retry=True, external_task_id=ext
+            )
+        except NotFoundError:
+            return None
+        except InvalidRequestError:
+            if tolerant:  # in `auto`, a form the server does not understand means "not found this way"
+                return None
+            raise
+        items = data if isinstance(data, builtins.list) else [data]
+        snaps: builtins.list[TaskSnapshot] = []
+        for item in items:
+            try:
+                snaps.append(self._snapshot(item, request_id, f"lookup {kind}"))
+            except KlingProtocolError:
+                continue  # a server that ignored the filter may list odd tasks; only ours matters
+        for snap in snaps:
+            if snap.external_task_id == ext:
+                return snap
+        # The path form resolved the id itself; accept a lone task that just doesn't echo task_info.
+        if not query and len(snaps) == 1 and snaps[0].external_task_id is None:
+            return snaps[0].model_copy(update={"external_task_id": ext})
+        return None
+
+    async def submit(self, request: TaskRequest, external_task_id: str) -> SubmitResult:
+        """Create the task for ``external_task_id`` at most once (DESIGN §2.3); adopt it if it exists."""
+        ext = external_task_id
+        if not EXTERNAL_ID_RE.match(ext):
+            raise InvalidRequestError(f"external_task_id {ext!r} must match {EXTERNAL_ID_RE.pattern}")
+        kind = request.kind
+        can_lookup = self.settings.external_id_lookup != "off"
+        if can_lookup:
+            found = await self.get_by_external_id(kind, ext)
+            if found is not None:
+                return self._adopted(found, "found before POST")
+        else:
+            self._warn_no_lookup()
+        posts = 0
+        ambiguous: KlingError
+        while True:
+            posts += 1
+            try:
+                snap = await self.create(request, ext)
+                return SubmitResult(snapshot=snap, adopted=False)
+            except BackPressureError:
+                raise  # a definite refusal: the Prefect layer backs off and retries
+            except TransportError as exc:
+                if exc.may_have_been_sent:
+                    ambiguous = exc
+                elif posts < self._retry.max_posts:  # never left this machine: safe to resend
+                    await self._sleep(self._retry.delay(posts - 1))
+                    continue
+                else:
+                    raise
+            except (ServerError, KlingProtocolError) as exc:
+                ambiguous = exc
+            except InvalidRequestError as exc:
+                # 1201 may mean "duplicate external_task_id" (UNCONFIRMED, ref §3.6): look up, adopt.
+                if exc.code != 1201 or not can_lookup:
+                    raise
+                found = await self.get_by_external_id(kind, ext)
+                if found is not None:
+                    return self._adopted(found, "1201 answer, task exists")
+                raise
+            # Ambiguous: the POST may have created the task. Find out before anything else.
+            if not can_lookup:
+                raise AmbiguousSubmitError(
+                    f"create POST for external_task_id {ext} failed ambiguously ({ambiguous}); the provider "
+                    f"cannot look tasks up by external id, so it was not resent. Check the provider's "
+                    f"console "
+                    f"for a task with external_task_id {ext} before retrying.",
+                    external_task_id=ext,
+                ) from None
+            log.warning("create POST for external_task_id %s ambiguous (%s); looking it up", ext, ambiguous)
+            await self._sleep(self._retry.delay(posts - 1))  # give the server time to commit a task it took
+            found = await self.get_by_external_id(kind, ext)
+            if found is not None:
+                return self._adopted(found, "found after an ambiguous POST")
+            if posts >= self._retry.max_posts:
+                raise ambiguous
+            log.warning("no task with external_task_id %s after an ambiguous POST; resending", ext)
+
+    def _adopted(self, snap: TaskSnapshot, why: str) -> SubmitResult:
+        log.info(
+            "adopted %s task %s (external_task_id=%s, request_id=%s): %s",
+            snap.task_status,
+            snap.task_id,
+            snap.external_task_id,
+            snap.request_id,
+            why,
+        )
+        return SubmitResult(snapshot=snap, adopted=True)
+
+    def _warn_no_lookup(self) -> None:
+        key = f"{self.settings.provider}:{self.settings.base_url}"
+        if key not in self._lookup_warned:
+            self._lookup_warned.add(key)
+            log.warning(
+                "provider %s cannot look tasks up by external_task_id (KLING_EXTERNAL_ID_LOOKUP=off): an "
+                "ambiguous create failure will stop with AmbiguousSubmitError instead of being resent",
+                self.settings.provider,
+            )
+
+    async def wait(self, kind: TaskKind, task_id: str, *, on_update: OnUpdate | None = None) -> TaskSnapshot:
+        """Poll until terminal (policy: ``kling_tasks.api.polling``); return the ``succeed`` snapshot."""
+
+        async def get() -> TaskSnapshot:
+            return await self.get(kind, task_id)
+
+        return await wait_for_task(
+            get, policy=self._poll, sleep=self._sleep, clock=self._clock, on_update=on_update, task_id=task_id
+        )

@@ -1,0 +1,118 @@
+"""The wait policy: how often to poll a task and when to give up (DESIGN §3, reference §7, §15).
+
+Policy. The interval is proportional to the time the task has spent in its *current* status,
+``interval = growth × time_in_status`` clamped to ``[min, max]`` (defaults 10 %, 5 s, 30 s), then jittered by
+±20 % (clamped again) so many waiters do not poll in lock-step. A status change resets the clock, so the
+first polls after ``submitted → processing`` are quick again. Why: Kling tasks take minutes (T2V ~5 min); a
+fixed fast poll hammers the API, a fixed slow one detects late. Proportional polling bounds the detection
+delay to ~10 % of the time already waited (never more than ``max``) while the number of polls grows only
+logarithmically with the task's length: a 5-minute task costs ~30 polls and is seen within ≤ 30 s.
+
+Deadlines. Time in ``submitted`` (queued for an account slot) counts only against ``queue_timeout``; time
+from the first non-``submitted`` observation counts against ``processing_timeout``. Transient poll errors
+(retryable ones, after the client's own GET retries) are logged and polling continues until a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from kling_tasks.api.errors import KlingError, KlingProtocolError, TaskFailedError, WaitTimeoutError
+from kling_tasks.api.models import TaskSnapshot
+
+__all__ = ["PollPolicy", "wait_for_task"]
+
+log = logging.getLogger("kling_tasks.api.polling")
+
+Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
+OnUpdate = Callable[[TaskSnapshot], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    min_interval: float = 5.0
+    max_interval: float = 30.0
+    growth: float = 0.10  # interval = growth × time spent in the current status
+    jitter: float = 0.20  # ± fraction
+    processing_timeout: float = 1800.0
+    queue_timeout: float = 3600.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def interval(self, time_in_status: float) -> float:
+        base = min(self.max_interval, max(self.min_interval, self.growth * time_in_status))
+        jittered = base * (1.0 + self.rng.uniform(-self.jitter, self.jitter))
+        return min(self.max_interval, max(self.min_interval, jittered))
+
+
+async def wait_for_task(
+    get: Callable[[], Awaitable[TaskSnapshot]],
+    *,
+    policy: PollPolicy,
+    sleep: Sleep,
+    clock: Clock = time.monotonic,
+    on_update: OnUpdate | None = None,
+    task_id: str | None = None,
+) -> TaskSnapshot:
+    """Poll ``get`` until the task is terminal; return the ``succeed`` snapshot (with at least one video).
+
+    Raises TaskFailedError on ``failed``, WaitTimeoutError (with the last snapshot) past a deadline,
+    KlingProtocolError on ``succeed`` without videos, and any non-retryable error from ``get`` at once.
+    """
+    last: TaskSnapshot | None = None
+    status = "submitted"  # assumed until the first snapshot says otherwise
+    status_since = clock()
+    queued = 0.0  # seconds spent in `submitted`
+    processing_since: float | None = None
+
+    while True:
+        now = clock()
+        try:
+            snap = await get()
+        except KlingError as exc:
+            if not exc.retryable:
+                raise
+            log.warning("transient error polling task %s, will keep polling: %s", task_id, exc)
+        else:
+            now = clock()
+            if last is None or snap.task_status != last.task_status:
+                if status == "submitted":
+                    queued += now - status_since
+                if snap.task_status != "submitted" and processing_since is None:
+                    processing_since = now
+                status, status_since = snap.task_status, now
+                log.info("task %s is %s", snap.task_id, snap.task_status)
+                if on_update is not None:
+                    await on_update(snap)
+            last = snap
+            if snap.task_status == "succeed":
+                if not snap.videos:
+                    raise KlingProtocolError(
+                        "task succeeded without any video in task_result",
+                        request_id=snap.request_id,
+                        task_id=snap.task_id,
+                        external_task_id=snap.external_task_id,
+                    )
+                return snap
+            if snap.task_status == "failed":
+                raise TaskFailedError(snap)
+
+        # Deadlines: only the clock of the current phase runs.
+        if status == "submitted":
+            spent, limit, phase = queued + (now - status_since), policy.queue_timeout, "queued"
+        else:
+            assert processing_since is not None
+            spent, limit, phase = now - processing_since, policy.processing_timeout, "processing"
+        remaining = limit - spent
+        if remaining <= 0:
+            raise WaitTimeoutError(
+                f"task still {status} after {spent:.0f} s {phase} (limit {limit:.0f} s)",
+                snapshot=last,
+                task_id=task_id,
+            )
+        # Never sleep past the deadline: one last poll right at it, then give up.
+        await sleep(min(policy.interval(now - status_since), remaining))
