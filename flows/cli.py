@@ -1,0 +1,176 @@
+"""`kling-pipeline`: run, estimate, status and demo (DESIGN §4).
+
+Progress goes to stderr; `run` prints the final video's URI as the last line on stdout. Errors are one
+line and a non-zero exit: 2 for a plan refused before anything was sent, 1 for a failure during the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
+from kling_tasks.manifest import load_manifest
+from kling_tasks.settings import KlingSettings
+from kling_tasks.storage import open_sink
+
+app = typer.Typer(help="Long AI videos from the Kling API as resumable Prefect flows.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+err = Console(stderr=True)
+
+Prompt = Annotated[str, typer.Option("--prompt", help="What the first clip shows.")]
+NegativePrompt = Annotated[str | None, typer.Option("--negative-prompt")]
+Image = Annotated[str | None, typer.Option("--image", help="Local .jpg/.png or URL: image2video.")]
+Extend = Annotated[list[str] | None, typer.Option("--extend", help="One extension prompt; repeatable.")]
+Model = Annotated[str, typer.Option("--model")]
+Mode = Annotated[str, typer.Option("--mode", help="std or pro")]
+Duration = Annotated[str, typer.Option("--duration", help="5 or 10 seconds")]
+Aspect = Annotated[str, typer.Option("--aspect-ratio", help="16:9, 9:16 or 1:1")]
+Cfg = Annotated[float | None, typer.Option("--cfg-scale", help="0..1")]
+Dest = Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local folder")]
+JobId = Annotated[str | None, typer.Option("--job-id")]
+MaxCredits = Annotated[float | None, typer.Option("--max-credits")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def describe(exc: ValidationError) -> str:
+    """A pydantic error as one readable line: 'generate.prompt: String should have at most 2500 characters'."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
+
+
+def build_job(prompt: str, negative_prompt: str | None, image: str | None, extend: list[str] | None,
+              model: str, mode: str, duration: str, aspect_ratio: str, cfg_scale: float | None, dest: str,
+              job_id: str | None, max_credits: float | None) -> VideoJob:
+    try:
+        return VideoJob(
+            generate=GenerationSpec(prompt=prompt, negative_prompt=negative_prompt, image=image,
+                                    model_name=model, mode=mode, duration=duration,
+                                    aspect_ratio=aspect_ratio, cfg_scale=cfg_scale),
+            extensions=[ExtensionSpec(prompt=text) for text in extend or []],
+            dest=dest, job_id=job_id, max_credits=max_credits,
+        )
+    except ValidationError as exc:
+        fail(describe(exc), 2)
+    except PlanError as exc:
+        fail(str(exc), 2)
+
+
+def execute(job: VideoJob, resubmit_failed: bool) -> str:
+    """Validate everything that can be checked locally, then run the flow with a live view."""
+    from flows.live import LiveProgress
+    from flows.video import KlingStepFailed, produce_video
+    from kling_tasks.api import KlingError
+    from kling_tasks.preflight import prepare
+    from kling_tasks.storage import DestinationError, DownloadError
+
+    try:
+        plan = prepare(job, KlingSettings(), resubmit_failed=resubmit_failed).plan
+    except PlanError as exc:
+        fail(str(exc), 2)
+    try:
+        with LiveProgress(plan, err):
+            return asyncio.run(produce_video(job=job, resubmit_failed=resubmit_failed))
+    except (KlingStepFailed, KlingError, DownloadError, DestinationError, PlanError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None, extend: Extend = None,
+        model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5", aspect_ratio: Aspect = "16:9",
+        cfg_scale: Cfg = None, dest: Dest = "./kling-output", job_id: JobId = None,
+        max_credits: MaxCredits = None,
+        resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed",
+                                                      help="Pay for a new attempt of a failed step.")] = False,
+        ) -> None:
+    """Generate, extend and store a video; prints the final video's URI last."""
+    job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
+                    dest, job_id, max_credits)
+    uri = execute(job, resubmit_failed)
+    print(uri)
+
+
+@app.command()
+def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None,
+             extend: Extend = None, model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5",
+             aspect_ratio: Aspect = "16:9", cfg_scale: Cfg = None, dest: Dest = "./kling-output",
+             job_id: JobId = None, max_credits: MaxCredits = None) -> None:
+    """Validate and price the plan; submits nothing."""
+    job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
+                    dest, job_id, max_credits)
+    plan = plan_job(job)
+    table = Table(title=f"job {plan.job_id}: {plan.model_name} {plan.mode}")
+    for column in ("step", "name", "external_task_id", "credits"):
+        table.add_column(column)
+    for step in plan.steps:
+        table.add_row(str(step.index), step.name, step.external_task_id, f"{step.estimated_credits:g}")
+    err.print(table)
+    try:
+        check_budget(job, plan)
+    except PlanError as exc:
+        fail(str(exc), 2)
+    print(f"{plan.estimated_credits:g}")
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-output") -> None:
+    """Show a job's manifest: every step's status, ids, credits and where it is stored."""
+    manifest = load_manifest(open_sink(dest), job_id)
+    if manifest is None:
+        fail(f"no manifest for job {job_id!r} under {dest}")
+    table = Table(title=f"job {job_id}: {manifest.status}")
+    for column in ("step", "name", "status", "task_id", "duration", "credits", "uri"):
+        table.add_column(column)
+    for step in manifest.steps:
+        table.add_row(str(step.index), step.name, step.status, step.task_id or "",
+                      f"{step.duration:.2f}" if step.duration else "", f"{step.credits:g}" if step.credits else "",
+                      step.uri or step.status_msg or "")
+    Console().print(table)
+    if manifest.final_uri:
+        print(manifest.final_uri)
+
+
+@app.command()
+def demo(dest: Dest = "./demo-output",
+         time_scale: Annotated[float, typer.Option(help="Emulator speed: 1.0 = Kling's real latencies.")] = 0.02,
+         ) -> None:
+    """Produce a 1 + 2 video on the bundled Kling emulator, into a local folder, on Prefect's embedded server."""
+    from kling_emulator import EmulatorConfig, start_emulator
+
+    emulator = start_emulator(EmulatorConfig(time_scale=time_scale))
+    os.environ.update({
+        "KLING_PROVIDER": "kling", "KLING_API_BASE_URL": emulator.base_url,
+        "KLING_ACCESS_KEY": "emulator-ak", "KLING_SECRET_KEY": "emulator-sk",
+        "KLING_ALLOW_PRIVATE_URLS": "1", "KLING_POLL_MIN_SECONDS": "0.5", "KLING_POLL_MAX_SECONDS": "2",
+    })
+    err.print(f"Kling emulator running at {emulator.base_url} (time scale {time_scale})")
+    try:
+        job = VideoJob(
+            generate=GenerationSpec(prompt="A paper boat drifts across a pond at dawn"),
+            extensions=[ExtensionSpec(prompt="The boat reaches a lily pad and a frog hops aboard"),
+                        ExtensionSpec(prompt="The frog and the boat sail into the sunrise")],
+            dest=dest,
+        )
+        uri = execute(job, resubmit_failed=False)
+    finally:
+        emulator.stop()
+    job_id = job.effective_job_id()
+    err.print(f"\nFinal video: {uri}\nManifest:    {Path(dest).resolve() / job_id / 'manifest.json'}\n"
+              "See the run in the Prefect UI: .venv/bin/prefect server start, then open "
+              "http://127.0.0.1:4200/runs (runs of the embedded server are kept in PREFECT_HOME).")
+    print(uri)

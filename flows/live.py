@@ -1,0 +1,67 @@
+"""The CLI's live view of a run: one row per step with its Kling status and elapsed time (on stderr)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from kling_tasks.jobs import Plan
+from kling_tasks.progress import Notice, subscribe
+
+
+@dataclass
+class _Row:
+    name: str
+    status: str = "pending"
+    since: float | None = None
+    until: float | None = None
+    info: str = ""
+
+
+class LiveProgress:
+    def __init__(self, plan: Plan, console: Console):
+        self.plan = plan
+        self.started = time.monotonic()
+        self.rows = {step.index: _Row(step.name) for step in plan.steps}
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+        self._unsubscribe: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> LiveProgress:
+        self._unsubscribe = subscribe(self._on_notice)
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._unsubscribe()
+        self.live.update(self._render())
+        self.live.__exit__(exc_type, exc, tb)
+
+    def _on_notice(self, notice: Notice) -> None:
+        row = self.rows.get(notice.step_index)
+        if row is None or notice.stage in ("planned", "done"):
+            return
+        row.status = notice.stage
+        row.since = row.since or time.monotonic()
+        row.until = time.monotonic() if notice.stage == "stored" else None
+        if "task_id" in notice.detail:
+            row.info = f"task {notice.detail['task_id']}" + (" (adopted)" if notice.detail.get("adopted") else "")
+        if "uri" in notice.detail:
+            row.info = notice.detail["uri"]
+        self.live.update(self._render())
+
+    def _render(self) -> Table:
+        total = len(self.plan.steps)
+        table = Table(title=f"job {self.plan.job_id}  ({time.monotonic() - self.started:.0f} s)")
+        for column in ("step", "name", "kling status", "elapsed", ""):
+            table.add_column(column)
+        for index, row in self.rows.items():
+            elapsed = f"{(row.until or time.monotonic()) - row.since:.0f} s" if row.since else ""
+            table.add_row(f"{index + 1} of {total}", row.name, row.status, elapsed, row.info)
+        return table

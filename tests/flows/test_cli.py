@@ -1,0 +1,56 @@
+"""The CLI refuses bad plans with one clear line and sends nothing to Kling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def run_cli(*args: str) -> Any:
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "kling-v2-master", "--extend", "more"], "cannot be extended"),
+        (["--extend", "x"] * 40, "40 extensions may reach 205 s"),
+        (["--prompt", "p" * 3000], "at most 2500 characters"),
+        (["--max-credits", "2", "--extend", "a", "--extend", "b"], "over max_credits 2"),
+        (["--duration", "7"], "duration"),
+        (["--image", "picture.gif"], ".jpg, .jpeg or .png"),
+    ],
+)
+def test_bad_plans_are_refused_before_any_request(
+    args: list[str], message: str, kling_env: dict[str, str], emulator: Any, tmp_path: Path
+) -> None:
+    if "--prompt" not in args:
+        args = ["--prompt", "a quiet lake", *args]
+    result = run_cli("run", *args, "--dest", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1, "the error is one line"
+    assert emulator.stats()["requests"] == {}
+
+
+def test_missing_credentials_are_refused(monkeypatch: pytest.MonkeyPatch, kling_env: dict[str, str],
+                                         emulator: Any, tmp_path: Path) -> None:
+    monkeypatch.delenv("KLING_SECRET_KEY")
+    result = run_cli("run", "--prompt", "a quiet lake", "--dest", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "KLING_SECRET_KEY" in result.output
+    assert emulator.stats()["requests"] == {}
+
+
+def test_estimate_prices_the_plan_without_requests(kling_env: dict[str, str], emulator: Any) -> None:
+    result = run_cli("estimate", "--prompt", "a quiet lake", "--mode", "pro", "--extend", "a", "--extend", "b")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == "10.5"  # pro kling-v1: 3.5 + 2 x 3.5
+    assert emulator.stats()["requests"] == {}

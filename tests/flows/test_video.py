@@ -1,0 +1,102 @@
+"""produce_video end to end: the Kling emulator, moto's S3 server and a real Prefect server."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from flows.video import KlingStepFailed, produce_video
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server", "kling_env")]
+
+
+def make_job(dest: str, extensions: int = 3, **generate: Any) -> VideoJob:
+    return VideoJob(
+        generate=GenerationSpec(prompt="a red kite over green hills", **generate),
+        extensions=[ExtensionSpec(prompt=f"the kite climbs, part {i}") for i in range(1, extensions + 1)],
+        dest=dest,
+    )
+
+
+def creates(stats: dict[str, Any]) -> int:
+    return sum(stats["create_attempts"].values())
+
+
+async def test_one_plus_three_into_s3(s3_endpoint: str, emulator: Any, tmp_path: Path,
+                                      decode_seconds: Any) -> None:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="videos")
+    job = make_job("s3://videos/runs")
+    uri = await produce_video(job)
+
+    job_id = job.effective_job_id()
+    assert uri == f"s3://videos/runs/{job_id}/final.mp4"
+    local = tmp_path / "final.mp4"
+    s3.download_file("videos", f"runs/{job_id}/final.mp4", str(local))
+    manifest = json.loads(s3.get_object(Bucket="videos", Key=f"runs/{job_id}/manifest.json")["Body"].read())
+
+    assert manifest["status"] == "succeeded" and manifest["final_uri"] == uri
+    assert [step["status"] for step in manifest["steps"]] == ["stored"] * 4
+    last = manifest["steps"][-1]
+    assert abs(decode_seconds(local) - last["duration"]) < 0.1
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == last["sha256"]
+    for step in manifest["steps"]:
+        assert step["task_id"] and step["video_id"] and step["credits"] is not None
+        head = s3.head_object(Bucket="videos", Key=f"runs/{job_id}/step-{step['index']:02d}.mp4")
+        assert head["ContentLength"] == step["size"]
+        assert head["Metadata"]["task_id"] == step["task_id"]
+    # Every step was created exactly once, and each extension continued the previous video.
+    stats = emulator.stats()
+    plan = plan_job(job)
+    assert stats["tasks_created"] == {step.external_task_id: 1 for step in plan.steps}
+    durations = [step["duration"] for step in manifest["steps"]]
+    assert all(4 <= later - earlier <= 5.05 for earlier, later in itertools.pairwise(durations))
+
+
+async def test_local_folder_and_rerun_pays_nothing(tmp_path: Path, emulator: Any, decode_seconds: Any) -> None:
+    job = make_job(str(tmp_path / "out"), extensions=2)
+    uri = await produce_video(job)
+    final = Path(uri)
+    assert final == tmp_path / "out" / job.effective_job_id() / "final.mp4"
+    manifest = json.loads((final.parent / "manifest.json").read_text())
+    assert abs(decode_seconds(final) - manifest["steps"][-1]["duration"]) < 0.1
+    served = httpx.get(f"{emulator.base_url}/_emulator/stats").json()
+    assert served["tasks_created"] == {s.external_task_id: 1 for s in plan_job(job).steps}
+    assert not list(final.parent.glob("*.tmp*")), "no temporary files are left behind"
+
+    before = emulator.stats()
+    assert await produce_video(job) == uri
+    after = emulator.stats()
+    assert creates(after) == creates(before), "a rerun after success submits nothing"
+    assert after["polls"] == before["polls"] and after["downloads"] == before["downloads"]
+
+
+async def test_failed_task_is_not_resubmitted_without_asking(tmp_path: Path, emulator: Any) -> None:
+    emulator.set_faults({"rules": [{"match": "create:video-extend", "kind": "task_fail", "times": 1,
+                                    "params": {"message": "content policy: unsafe content detected"}}]})
+    job = make_job(str(tmp_path / "out"), extensions=1)
+    with pytest.raises(KlingStepFailed, match="content policy"):
+        await produce_video(job)
+    manifest_path = tmp_path / "out" / job.effective_job_id() / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["steps"][1]["status"] == "failed"
+    assert "content policy" in manifest["steps"][1]["status_msg"]
+
+    attempts = creates(emulator.stats())
+    with pytest.raises(KlingStepFailed):
+        await produce_video(job)
+    assert creates(emulator.stats()) == attempts, "a plain rerun must not pay for the failed step again"
+
+    uri = await produce_video(job, resubmit_failed=True)
+    assert Path(uri).is_file()
+    created = emulator.stats()["tasks_created"]
+    assert len(created) == 3 and all(count == 1 for count in created.values())
