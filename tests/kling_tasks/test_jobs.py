@@ -1,0 +1,102 @@
+"""VideoJob: validation before anything is paid, credit estimates, deterministic external ids."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
+
+
+def job(*extensions: str, **generate: object) -> VideoJob:
+    return VideoJob(generate=GenerationSpec(prompt="a fox in the snow", **generate),  # type: ignore[arg-type]
+                    extensions=[ExtensionSpec(prompt=p) for p in extensions])
+
+
+def test_external_ids_are_deterministic_short_and_safe() -> None:
+    first, again = plan_job(job("runs", "jumps")), plan_job(job("runs", "jumps"))
+    assert [s.external_task_id for s in first.steps] == [s.external_task_id for s in again.steps]
+    for step in first.steps:
+        assert re.fullmatch(r"[A-Za-z0-9-]{1,64}", step.external_task_id)
+        assert step.external_task_id.startswith(f"{first.job_id}-s{step.index}-")
+    assert [s.name for s in first.steps] == ["generate", "extend-1-of-2", "extend-2-of-2"]
+
+
+def test_a_changed_prompt_changes_its_id_and_every_later_one() -> None:
+    same_job = plan_job(VideoJob(generate=GenerationSpec(prompt="a fox in the snow"), job_id="fixed",
+                                 extensions=[ExtensionSpec(prompt=p) for p in ("runs", "jumps", "sleeps")])).steps
+    changed = plan_job(VideoJob(generate=GenerationSpec(prompt="a fox in the snow"), job_id="fixed",
+                                extensions=[ExtensionSpec(prompt=p) for p in ("runs", "leaps", "sleeps")])).steps
+    assert same_job[:2] == changed[:2]
+    assert all(a.external_task_id != b.external_task_id for a, b in zip(same_job[2:], changed[2:], strict=True))
+
+
+def test_prompts_never_appear_in_ids() -> None:
+    plan = plan_job(job("the-secret-plot-twist"))
+    assert all("secret" not in step.external_task_id for step in plan.steps)
+
+
+def test_resubmitting_a_step_gives_it_and_later_steps_new_ids() -> None:
+    base = plan_job(job("a", "b")).steps
+    bumped = plan_job(job("a", "b"), attempts={1: 1}).steps
+    assert bumped[0] == base[0]
+    assert "-s1-r1-" in bumped[1].external_task_id
+    assert bumped[2].external_task_id != base[2].external_task_id
+
+
+def test_default_job_id_ignores_destination_and_budget() -> None:
+    one = job("a").model_copy(update={"dest": "s3://bucket/x", "max_credits": 9})
+    assert one.effective_job_id() == job("a").effective_job_id()
+
+
+@pytest.mark.parametrize(
+    ("mode", "duration", "extensions", "credits"),
+    [("std", "5", 0, 1), ("std", "10", 2, 4), ("pro", "5", 2, 10.5), ("pro", "10", 1, 10.5)],
+)
+def test_credit_estimate_from_the_price_table(mode: str, duration: str, extensions: int, credits: float) -> None:
+    plan = plan_job(job(*["more"] * extensions, mode=mode, duration=duration))
+    assert plan.estimated_credits == credits
+
+
+def test_budget_refusal() -> None:
+    plan_it = job("a", "b").model_copy(update={"max_credits": 2})
+    with pytest.raises(PlanError, match="estimated at 3 credits, over max_credits 2"):
+        check_budget(plan_it, plan_job(plan_it))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "extensions", "message"),
+    [
+        ({"model_name": "kling-v2-5-turbo"}, 1, "cannot be extended"),
+        ({"model_name": "kling-v1-5"}, 0, "cannot do text2video"),
+        ({"model_name": "kling-v9"}, 0, "cannot do text2video"),
+        ({}, 36, "use at most 35 extensions"),
+        ({"duration": "10"}, 35, "use at most 34 extensions"),
+        ({"prompt": "x" * 2501}, 0, "at most 2500 characters"),
+        ({"cfg_scale": 1.5}, 0, "less than or equal to 1"),
+        ({"image": "photo.webp"}, 0, ".jpg, .jpeg or .png"),
+    ],
+)
+def test_impossible_plans_are_refused(kwargs: dict[str, object], extensions: int, message: str) -> None:
+    generate = {"prompt": "a fox", **kwargs}
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        VideoJob(generate=GenerationSpec.model_validate(generate),
+                 extensions=[ExtensionSpec(prompt="more")] * extensions)
+
+
+def test_job_id_must_be_a_safe_name() -> None:
+    with pytest.raises(ValidationError, match="job_id"):
+        VideoJob(generate=GenerationSpec(prompt="x"), job_id="Bad Name/..")
+
+
+def test_a_local_image_is_identified_by_its_bytes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"same-bytes")
+    b.write_bytes(b"same-bytes")
+    assert job(image=str(a)).effective_job_id() == job(image=str(b)).effective_job_id()
+    b.write_bytes(b"other-bytes")
+    assert job(image=str(a)).effective_job_id() != job(image=str(b)).effective_job_id()
+    assert plan_job(job(image=str(a))).steps[0].kind == "image2video"
