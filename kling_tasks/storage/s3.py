@@ -55,8 +55,10 @@ class S3Sink:
     @property
     def client(self) -> S3Client:
         # Built lazily through the standard chain: env keys, profiles, roles, AWS_ENDPOINT_URL[_S3].
+        # A fresh Session, not boto3.client(): the default session caches credentials process-wide,
+        # so a changed environment (rotated keys, another endpoint) would be silently ignored.
         if self._client is None:
-            self._client = boto3.client("s3")
+            self._client = boto3.session.Session().client("s3")
         return self._client
 
     @property
