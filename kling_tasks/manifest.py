@@ -38,9 +38,7 @@ def strip_secrets(value: Any) -> Any:
     (`keyframes` goes too): the caller already sanitizes, this is only the second line of defence."""
     if isinstance(value, dict):
         return {
-            k: strip_secrets(v)
-            for k, v in value.items()
-            if not any(word in str(k).lower() for word in _SECRET_WORDS)
+            k: strip_secrets(v) for k, v in value.items() if not any(word in str(k).lower() for word in _SECRET_WORDS)
         }
     if isinstance(value, list | tuple):
         return [strip_secrets(v) for v in value]

@@ -64,9 +64,7 @@ class Fetched:
 def _status_error(status: int, host: str) -> DownloadError:
     retryable = status >= 500 or status in _TRANSIENT
     hint = " (the link has probably expired)" if status in _GONE else ""
-    return DownloadError(
-        f"download from {host} failed: HTTP {status}{hint}", retryable=retryable, status=status
-    )
+    return DownloadError(f"download from {host} failed: HTTP {status}{hint}", retryable=retryable, status=status)
 
 
 def fetch_to(
@@ -88,9 +86,7 @@ def fetch_to(
             check_download_url(url, allow_private)
             host = httpx.URL(url).host
             try:
-                with client.stream(
-                    "GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}
-                ) as resp:
+                with client.stream("GET", url, follow_redirects=False, headers={"Accept-Encoding": "identity"}) as resp:
                     if resp.is_redirect and "location" in resp.headers:
                         url = str(resp.url.join(resp.headers["location"]))
                         continue
@@ -107,9 +103,7 @@ def fetch_to(
             client.close()
 
 
-def _consume(
-    resp: httpx.Response, write: Callable[[bytes], object], expected_size: int | None, host: str
-) -> Fetched:
+def _consume(resp: httpx.Response, write: Callable[[bytes], object], expected_size: int | None, host: str) -> Fetched:
     declared: int | None = None
     encoded = resp.headers.get("content-encoding", "identity").lower() not in ("", "identity")
     if "content-length" in resp.headers and not encoded:  # compressed lengths are not body lengths

@@ -85,9 +85,7 @@ class S3Sink:
             )
         if isinstance(exc, BotoConnectionError):
             endpoint = self.client.meta.endpoint_url
-            return DestinationError(
-                f"cannot reach S3 endpoint {endpoint} to {action} {where}", retryable=True
-            )
+            return DestinationError(f"cannot reach S3 endpoint {endpoint} to {action} {where}", retryable=True)
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", "?"))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
@@ -140,9 +138,7 @@ class S3Sink:
             return existing
         upload = _Upload(self, self._full(key), content_type_for(key), clean_metadata(metadata))
         try:
-            got = fetch_to(
-                url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http
-            )
+            got = fetch_to(url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http)
             upload.finish(got.sha256)
         except BaseException:
             upload.abort()
@@ -276,7 +272,5 @@ class _Upload:
     def abort(self) -> None:
         if self.upload_id is not None:
             with contextlib.suppress(BotoCoreError, ClientError):
-                self.sink.client.abort_multipart_upload(
-                    Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id
-                )
+                self.sink.client.abort_multipart_upload(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id)
             self.upload_id = None

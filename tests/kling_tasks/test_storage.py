@@ -58,9 +58,7 @@ def test_store_then_head_and_second_store_is_a_no_op(sink: Sink, source: Any) ->
     url = source.add("/v.mp4", data)
     stored = sink.store_from_url(url, KEY, metadata=META, allow_private=True)
     assert (stored.size, stored.sha256, stored.key) == (len(data), sha(data), KEY)
-    assert stored.uri.endswith(
-        "/videos/job1/step-00.mp4" if isinstance(sink, S3Sink) else "/out/job1/step-00.mp4"
-    )
+    assert stored.uri.endswith("/videos/job1/step-00.mp4" if isinstance(sink, S3Sink) else "/out/job1/step-00.mp4")
     assert sink.head(KEY) == stored
     again = sink.store_from_url(url, KEY, metadata=META, allow_private=True)
     assert again == stored
@@ -103,9 +101,7 @@ def test_small_body_is_one_put_object(bucket: str, s3: Any, source: Any) -> None
     client = boto3.client("s3")
     calls: list[str] = []
     client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
-    S3Sink(bucket, client=client).store_from_url(
-        source.add("/s", b"x" * 1000), KEY, metadata=META, allow_private=True
-    )
+    S3Sink(bucket, client=client).store_from_url(source.add("/s", b"x" * 1000), KEY, metadata=META, allow_private=True)
     assert "PutObject" in calls and "CreateMultipartUpload" not in calls
     assert s3.head_object(Bucket=bucket, Key=KEY)["Metadata"]["sha256"] == sha(b"x" * 1000)
 
@@ -159,9 +155,7 @@ def test_length_mismatch_with_expected_size(sink: Sink, source: Any, request: py
 
 
 def test_no_content_length_is_accepted(sink: Sink, source: Any) -> None:
-    stored = sink.store_from_url(
-        source.add("/n", b"b" * 5000, mode="nolength"), KEY, metadata=META, allow_private=True
-    )
+    stored = sink.store_from_url(source.add("/n", b"b" * 5000, mode="nolength"), KEY, metadata=META, allow_private=True)
     assert stored.size == 5000
 
 
@@ -203,9 +197,7 @@ def test_private_hosts_are_refused(url: str) -> None:
     check_download_url(url, allow_private=True)  # the emulator/test switch
 
 
-@pytest.mark.parametrize(
-    "url", ["file:///etc/passwd", "ftp://example.com/v.mp4", "gopher://x/", "/local/path"]
-)
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/v.mp4", "gopher://x/", "/local/path"])
 def test_non_http_schemes_are_refused_even_when_private_allowed(url: str) -> None:
     with pytest.raises(UnsafeURLError, match="not http"):
         check_download_url(url, allow_private=True)
