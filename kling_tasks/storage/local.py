@@ -78,9 +78,11 @@ class LocalSink:
                 os.fsync(fh.fileno())
             os.chmod(tmp_name, 0o644)  # mkstemp makes 0600 files; videos are meant to be shared
             os.replace(tmp_name, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
+            if isinstance(exc, OSError):  # disk full, permissions: a sink problem, told as one
+                raise DestinationError(f"cannot write {path}: {exc.strerror or exc}") from exc
             raise
 
     def store_from_url(

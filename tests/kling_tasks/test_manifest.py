@@ -18,7 +18,7 @@ from kling_tasks.manifest import (
     step_key,
     strip_secrets,
 )
-from kling_tasks.storage import LocalSink, Sink
+from kling_tasks.storage import DestinationError, LocalSink, Sink
 
 
 def make_manifest(job_id: str = "job1") -> Manifest:
@@ -110,7 +110,7 @@ def test_rewrite_is_atomic_on_local_disk(tmp_path: Path, monkeypatch: pytest.Mon
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DestinationError, match="disk full"):
         save_manifest(sink, manifest)
     monkeypatch.undo()
     assert (tmp_path / "job1" / "manifest.json").read_bytes() == good  # old version intact
