@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -58,13 +59,14 @@ def build_job(prompt: str, negative_prompt: str | None, image: str | None, exten
               model: str, mode: str, duration: str, aspect_ratio: str, cfg_scale: float | None, dest: str,
               job_id: str | None, max_credits: float | None) -> VideoJob:
     try:
-        return VideoJob(
+        job = VideoJob(
             generate=GenerationSpec(prompt=prompt, negative_prompt=negative_prompt, image=image,
                                     model_name=model, mode=mode, duration=duration,
                                     aspect_ratio=aspect_ratio, cfg_scale=cfg_scale),
             extensions=[ExtensionSpec(prompt=text) for text in extend or []],
             dest=dest, job_id=job_id, max_credits=max_credits,
         )
+        return job.for_date(datetime.now(UTC).date())
     except ValidationError as exc:
         fail(describe(exc), 2)
     except PlanError as exc:

@@ -7,6 +7,7 @@ re-attaches to tasks still in flight.
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, tags
@@ -25,17 +26,24 @@ class KlingStepFailed(RuntimeError):
     """A Kling task ended `failed`. It is not resubmitted unless the user asks (--resubmit-failed)."""
 
 
+def run_date() -> date:
+    """The day this run was scheduled for: stable across retries of the run, unlike today's date."""
+    scheduled = flow_run.scheduled_start_time
+    return scheduled.date() if scheduled else datetime.now(UTC).date()
+
+
 def job_run_name() -> str:
     job = flow_run.parameters.get("job")
     if isinstance(job, dict):
         job = VideoJob.model_validate(job)
-    return job.effective_job_id() if isinstance(job, VideoJob) else "produce-video"
+    return job.for_date(run_date()).effective_job_id() if isinstance(job, VideoJob) else "produce-video"
 
 
 @flow(name="produce-video", flow_run_name=job_run_name)
 async def produce_video(job: VideoJob, resubmit_failed: bool = False) -> str:
     """Produce one long video and return the URI of final.mp4."""
     logger = get_run_logger()
+    job = job.for_date(run_date())
     settings = KlingSettings()
     prepared = prepare(job, settings, resubmit_failed=resubmit_failed)
     plan = prepared.plan

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +46,7 @@ _EXTENSION_PRICES: dict[str, tuple[float, float]] = {
     "kling-v1-6": (2, 3.5),
 }
 
+DATE_PLACEHOLDER = "{date}"
 _JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 StepKind = Literal["text2video", "image2video", "video-extend"]
@@ -97,14 +99,24 @@ class VideoJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id_shape(cls, value: str | None) -> str | None:
-        if value is not None and not _JOB_ID_PATTERN.match(value):
-            raise ValueError("job_id must be 1-40 characters of lowercase letters, digits and dashes")
+        if value is not None and not _JOB_ID_PATTERN.match(value.replace(DATE_PLACEHOLDER, "20260101")):
+            raise ValueError(
+                "job_id must be 1-40 characters of lowercase letters, digits and dashes "
+                f"(it may contain {DATE_PLACEHOLDER}, replaced by the run's scheduled date)"
+            )
         return value
 
     @model_validator(mode="after")
     def _plan_is_possible(self) -> VideoJob:
         check_capabilities(self)
         return self
+
+    def for_date(self, day: date) -> VideoJob:
+        """Resolve `{date}` in job_id: a scheduled deployment makes a new video per day, while a retry or
+        rerun of the same day's run still finds (and never re-pays) that day's steps."""
+        if self.job_id is None or DATE_PLACEHOLDER not in self.job_id:
+            return self
+        return self.model_copy(update={"job_id": self.job_id.replace(DATE_PLACEHOLDER, day.strftime("%Y%m%d"))})
 
     def spec_digest(self) -> str:
         """Digest of what is generated (not where it is stored): the same plan gives the same ids."""

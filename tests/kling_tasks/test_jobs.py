@@ -100,3 +100,13 @@ def test_a_local_image_is_identified_by_its_bytes(tmp_path: Path) -> None:
     b.write_bytes(b"other-bytes")
     assert job(image=str(a)).effective_job_id() != job(image=str(b)).effective_job_id()
     assert plan_job(job(image=str(a))).steps[0].kind == "image2video"
+
+
+def test_a_dated_job_id_gives_a_new_job_per_day_and_the_same_within_one() -> None:
+    from datetime import date
+
+    nightly = VideoJob(generate=GenerationSpec(prompt="x"), job_id="teaser-{date}")
+    monday, tuesday = nightly.for_date(date(2026, 11, 23)), nightly.for_date(date(2026, 11, 24))
+    assert monday.effective_job_id() == "teaser-20261123"
+    assert plan_job(monday).steps[0].external_task_id != plan_job(tuesday).steps[0].external_task_id
+    assert nightly.for_date(date(2026, 11, 23)) == monday
