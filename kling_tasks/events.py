@@ -1,11 +1,13 @@
 """Prefect events for Kling state changes, so users can build automations (e.g. notify on failure).
 
-Every event names the Kling task as its resource and the job as a related resource; Prefect adds the flow
-run and task run it was emitted from.
+Every event names the Kling task as its resource (`kling.task.{task_id}`) and the job as a related resource
+(`kling.job.{job_id}`, role `job`); Prefect adds the flow run and task run it was emitted from as related
+resources. Payloads carry ids, seconds, credits and URIs, never credentials. See docs/observability.md.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prefect.events import emit_event
@@ -13,6 +15,8 @@ from prefect.events import emit_event
 from kling_tasks.api import TaskSnapshot
 from kling_tasks.jobs import PlannedStep
 from kling_tasks.storage import StoredObject
+
+logger = logging.getLogger(__name__)
 
 
 def _resource(step: PlannedStep, task_id: str) -> dict[str, str]:
@@ -31,9 +35,12 @@ def _related(job_id: str) -> list[dict[str, str]]:
 
 
 def _emit(name: str, job_id: str, step: PlannedStep, task_id: str, payload: dict[str, Any]) -> None:
-    emit_event(event=name, resource=_resource(step, task_id), related=_related(job_id),
-               payload={"job_id": job_id, "task_id": task_id, "external_task_id": step.external_task_id,
-                        **payload})
+    try:
+        emit_event(event=name, resource=_resource(step, task_id), related=_related(job_id),
+                   payload={"job_id": job_id, "task_id": task_id, "external_task_id": step.external_task_id,
+                            **payload})
+    except Exception as exc:  # events are best effort: never fail (and so retry or re-pay) a step for one
+        logger.warning("could not emit %s for Kling task %s: %s: %s", name, task_id, type(exc).__name__, exc)
 
 
 def task_submitted(job_id: str, step: PlannedStep, snap: TaskSnapshot, *, adopted: bool) -> None:

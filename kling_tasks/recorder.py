@@ -1,23 +1,66 @@
-"""Keeps the job's manifest.json at the destination up to date: rewritten after every step."""
+"""Keeps the job's manifest.json at the destination up to date: rewritten after every step.
+
+It is also the one hook every step passes through (Cached ones too), so it drives the observability:
+the Prefect artifacts of the run and the contact sheet. Those are best effort: a failure logs a warning.
+"""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from prefect.logging import get_run_logger
 
 from kling_tasks.jobs import Plan, PlannedStep, VideoJob
 from kling_tasks.manifest import Manifest, StepRecord, final_key, save_manifest, step_key
+from kling_tasks.observability.artifacts import publisher_for_current_run
+from kling_tasks.observability.contact_sheet import store_contact_sheet
 from kling_tasks.storage import Sink, StoredObject
+
+logger = logging.getLogger(__name__)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+class JobObserver(Protocol):
+    """Told about every manifest change (kling_tasks.observability.artifacts.ArtifactPublisher in a run)."""
+
+    def started(self, manifest: Manifest) -> None: ...
+
+    def changed(self, manifest: Manifest) -> None: ...
+
+    def failed(self, manifest: Manifest) -> None: ...
+
+    def finished(self, manifest: Manifest, final: StoredObject, sheet: StoredObject | None) -> None: ...
+
+
+_IN_CURRENT_RUN: Any = object()  # default observer: the current flow run's artifacts, if there is a run
+
+
+def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run's logger (lines show in the Prefect UI), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logger
+
+
+def _warn(what: str, exc: Exception) -> None:
+    _log().warning("%s failed (the step is not affected): %s: %s", what, type(exc).__name__, exc)
+
+
 class JobRecorder:
-    def __init__(self, sink: Sink, job: VideoJob, plan: Plan, provider: str, previous: Manifest | None):
+    def __init__(self, sink: Sink, job: VideoJob, plan: Plan, provider: str, previous: Manifest | None,
+                 observer: JobObserver | None = _IN_CURRENT_RUN):
         self.sink = sink
         self.plan = plan
+        if observer is _IN_CURRENT_RUN:
+            run_tags = (f"provider:{provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
+            observer = publisher_for_current_run(sink, plan.job_id, run_tags)
+        self.observer: JobObserver | None = observer
         kept = {record.external_task_id: record for record in (previous.steps if previous else [])}
         steps = [
             kept.get(step.external_task_id)
@@ -35,6 +78,15 @@ class JobRecorder:
             created_at=previous.created_at if previous else now, updated_at=now,
         )
         self.save()
+        self._notify("started")
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, hook)(self.manifest, *args)
+        except Exception as exc:  # observability must never fail (and so re-pay) a step
+            _warn(f"publishing the job's {hook} state", exc)
 
     def save(self) -> None:
         self.manifest.updated_at = _now()
@@ -46,6 +98,8 @@ class JobRecorder:
             setattr(record, name, value)
         record.updated_at = _now()
         self.save()
+        if fields.get("status") != "failed":  # failed() publishes its own, fuller picture
+            self._notify("changed")
 
     def submitted(self, step: PlannedStep, submission: dict[str, Any]) -> None:
         record = self.manifest.steps[step.index]
@@ -63,6 +117,7 @@ class JobRecorder:
     def failed(self, step: PlannedStep, message: str) -> None:
         self.manifest.status = "failed"
         self._update(step, status="failed", status_msg=message)
+        self._notify("failed")
 
     def stored(self, step: PlannedStep, stored: dict[str, Any]) -> None:
         self._update(step, status="stored", uri=stored["uri"], size=stored["size"], sha256=stored["sha256"])
@@ -76,4 +131,17 @@ class JobRecorder:
         self.manifest.final_uri = final.uri
         self.manifest.status = "succeeded"
         self.save()
+        self._notify("finished", final, self._contact_sheet(final))
         return final
+
+    def _contact_sheet(self, final: StoredObject) -> StoredObject | None:
+        """One frame per segment, next to the videos; a failure only costs the picture."""
+        durations = [record.duration or 0.0 for record in self.manifest.steps]
+        try:
+            sheet = store_contact_sheet(self.sink, self.plan.job_id, final.key, durations, final.size)
+        except Exception as exc:
+            _warn("making the contact sheet", exc)
+            return None
+        if sheet is not None:
+            _log().info("contact sheet stored at %s (%d bytes)", sheet.uri, sheet.size)
+        return sheet
