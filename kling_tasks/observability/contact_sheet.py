@@ -52,7 +52,7 @@ def grab_frames(video: str | Path | io.BytesIO, times: Sequence[float], width: i
     A time past the end gives the last frame.
     """
     thumbs: list[np.ndarray] = []
-    with av.open(video if isinstance(video, io.BytesIO) else str(video)) as container:
+    with av.open(video if isinstance(video, io.BytesIO) else str(video), mode="r") as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         time_base = stream.time_base or Fraction(1, 1000)
