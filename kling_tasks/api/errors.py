@@ -7,7 +7,7 @@ Errors never carry request headers, so a JWT or bearer key cannot end up in ``st
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from kling_tasks.api.models import TaskSnapshot
@@ -77,6 +77,17 @@ class KlingError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Picklable (Prefect may persist a failed task's exception) despite keyword-only constructors.
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
+
+
+def _rebuild(cls: type[KlingError], args: tuple[Any, ...], state: dict[str, Any]) -> KlingError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(KlingError):

@@ -36,7 +36,7 @@ class FakeClock:
 @dataclass
 class Fault:
     method: str
-    response: httpx.Response | None = None
+    response: httpx.Response | Callable[[httpx.Request], httpx.Response] | None = None
     exc: type[Exception] | None = None
     after: bool = False  # True: handle the request first (e.g. create the task), then fail
     times: int = 1
@@ -140,15 +140,18 @@ class FakeKling:
             if not fault.after:
                 if fault.exc is not None:
                     raise fault.exc("injected", request=request)  # type: ignore[call-arg]
-                assert fault.response is not None
-                return fault.response
+                return self.respond(fault, request)
         response = self.route(request)
         if fault is not None:
             if fault.exc is not None:
                 raise fault.exc("injected after handling", request=request)  # type: ignore[call-arg]
-            assert fault.response is not None
-            return fault.response
+            return self.respond(fault, request)
         return response
+
+    @staticmethod
+    def respond(fault: Fault, request: httpx.Request) -> httpx.Response:
+        assert fault.response is not None
+        return fault.response(request) if callable(fault.response) else fault.response
 
     def route(self, request: httpx.Request) -> httpx.Response:
         refusal = self.check_auth(request)

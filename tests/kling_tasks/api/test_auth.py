@@ -48,9 +48,10 @@ def test_token_reused_while_fresh_and_reminted_near_expiry() -> None:
     clock.now += 2  # 59 s left: re-mint
     second = auth.token()
     assert second != first
-    assert jwt.decode(second, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})[
-        "exp"
-    ] == int(clock.now) + 1800
+    assert (
+        jwt.decode(second, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})["exp"]
+        == int(clock.now) + 1800
+    )
 
 
 def test_force_refresh_mints_a_new_token() -> None:

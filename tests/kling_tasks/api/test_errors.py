@@ -85,8 +85,6 @@ def test_other_classes_retryable_flags() -> None:
         assert cls.retryable is False
 
 
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(("status", "code", "cls", "retryable"), TABLE)
 async def test_client_raises_table_class(
