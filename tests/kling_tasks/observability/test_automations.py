@@ -1,0 +1,60 @@
+"""The documented automation, run for real: a `kling.task.failed` event makes the server call a webhook."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from prefect import get_client
+
+from kling_tasks import events
+from kling_tasks.jobs import PlannedStep
+from kling_tasks.observability.automations import create_failure_webhook
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/kling-failed", received
+    finally:
+        server.shutdown()
+
+
+def test_failed_kling_task_calls_the_webhook(prefect_server: Any,
+                                             webhook: tuple[str, list[dict[str, Any]]]) -> None:
+    url, received = webhook
+    automation_id = create_failure_webhook(url, name="test-kling-task-failed")
+    with get_client(sync_client=True) as client:
+        assert client.read_automation(automation_id) is not None
+    step = PlannedStep(index=1, kind="video-extend", name="extend-1-of-2", external_task_id="auto-job-s1-abc",
+                       estimated_credits=1, prompt="p", negative_prompt=None, cfg_scale=None, attempt=0)
+    snapshot = SimpleNamespace(task_id="kt-123", task_status_msg='refused: "unsafe" prompt')
+    events.task_failed("auto-job", step, snapshot)  # type: ignore[arg-type]  # only these fields are read
+
+    deadline = time.monotonic() + 30  # the triggers service evaluates, then the actions service calls out
+    while not received and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert received == [{
+        "event": "kling.task.failed", "job_id": "auto-job", "kling_task_id": "kt-123",
+        "external_task_id": "auto-job-s1-abc", "step": "extend-1-of-2", "message": 'refused: "unsafe" prompt',
+        "flow_run_id": None,  # emitted outside a flow run here; inside one it names the run
+    }]
