@@ -65,9 +65,7 @@ class JwtAuth:
     def _mint(self) -> str:
         now = int(self._clock())
         payload = {"iss": self._access_key, "exp": now + self._lifetime, "nbf": now - 5}
-        token = jwt.encode(
-            payload, self._secret_key, algorithm="HS256", headers={"alg": "HS256", "typ": "JWT"}
-        )
+        token = jwt.encode(payload, self._secret_key, algorithm="HS256", headers={"alg": "HS256", "typ": "JWT"})
         self._token, self._expires_at = token, float(now + self._lifetime)
         return token
 
@@ -117,6 +115,4 @@ def auth_from_settings(settings: KlingSettings, *, clock: Callable[[], float] = 
         assert settings.cometapi_key is not None
         return BearerAuth(settings.cometapi_key.get_secret_value())
     assert settings.access_key is not None and settings.secret_key is not None
-    return JwtAuth(
-        settings.access_key.get_secret_value(), settings.secret_key.get_secret_value(), clock=clock
-    )
+    return JwtAuth(settings.access_key.get_secret_value(), settings.secret_key.get_secret_value(), clock=clock)

@@ -70,9 +70,7 @@ class RetryPolicy:
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def delay(self, attempt: int) -> float:
-        return float(
-            min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + self.rng.uniform(0.0, self.jitter))
-        )
+        return float(min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + self.rng.uniform(0.0, self.jitter)))
 
 
 @dataclass(frozen=True)
@@ -263,9 +261,7 @@ class KlingClient:
             data = next((d for d in data if isinstance(d, dict) and str(d.get("task_id")) == task_id), None)
         return self._snapshot(data, request_id, f"get {kind}/{task_id}")
 
-    async def list(
-        self, kind: TaskKind, page_num: int = 1, page_size: int = 30
-    ) -> builtins.list[TaskSnapshot]:
+    async def list(self, kind: TaskKind, page_num: int = 1, page_size: int = 30) -> builtins.list[TaskSnapshot]:
         if not (1 <= page_num <= 1000 and 1 <= page_size <= 500):
             raise InvalidRequestError("page_num must be in [1, 1000] and page_size in [1, 500]")
         params = {"pageNum": page_num, "pageSize": page_size}
@@ -291,9 +287,7 @@ class KlingClient:
         path = self._path(kind) if query else self._path(kind, ext)
         params = {"external_task_id": ext} if query else None
         try:
-            data, request_id = await self._request(
-                "GET", path, params=params, retry=True, external_task_id=ext
-            )
+            data, request_id = await self._request("GET", path, params=params, retry=True, external_task_id=ext)
         except NotFoundError:
             return None
         except InvalidRequestError:

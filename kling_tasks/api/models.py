@@ -90,9 +90,7 @@ class _GenerationRequest(TaskRequest):
     @classmethod
     def _model(cls, value: str) -> str:
         if value not in cls._allowed_models:
-            raise ValueError(
-                f"model {value!r} is not accepted by {cls.kind}; use one of {sorted(cls._allowed_models)}"
-            )
+            raise ValueError(f"model {value!r} is not accepted by {cls.kind}; use one of {sorted(cls._allowed_models)}")
         return value
 
 
@@ -121,8 +119,7 @@ class Image2VideoRequest(_GenerationRequest):
             base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError(
-                "image must be an http(s) URL or raw base64; for a local file use "
-                "Image2VideoRequest.from_source"
+                "image must be an http(s) URL or raw base64; for a local file use Image2VideoRequest.from_source"
             ) from None
         if len(value) * 3 // 4 > MAX_IMAGE_BYTES:
             raise ValueError("image is larger than 10 MB")

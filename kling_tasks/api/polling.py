@@ -68,6 +68,7 @@ async def wait_for_task(
     status_since = clock()
     queued = 0.0  # seconds spent in `submitted`
     processing_since: float | None = None
+    last_call: str | None = None  # the phase whose deadline the current sleep runs up to
 
     while True:
         now = clock()
@@ -108,11 +109,15 @@ async def wait_for_task(
             assert processing_since is not None
             spent, limit, phase = now - processing_since, policy.processing_timeout, "processing"
         remaining = limit - spent
-        if remaining <= 0:
+        if remaining <= 0 or last_call == phase:
             raise WaitTimeoutError(
                 f"task still {status} after {spent:.0f} s {phase} (limit {limit:.0f} s)",
                 snapshot=last,
                 task_id=task_id,
             )
-        # Never sleep past the deadline: one last poll right at it, then give up.
-        await sleep(min(policy.interval(now - status_since), remaining))
+        # Never sleep past the deadline: one last poll right at it, then give up. (A flag, not a float
+        # comparison: `now + tiny remaining` can round back to `now` and never reach the deadline.)
+        interval = policy.interval(now - status_since)
+        if interval >= remaining:
+            interval, last_call = remaining, phase
+        await sleep(interval)

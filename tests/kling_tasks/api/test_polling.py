@@ -124,3 +124,23 @@ async def test_status_change_resets_interval(make_client, fake, clock) -> None:
         await client.wait("text2video", task_id)
     assert max(clock.sleeps[:39]) == 30  # long queue: slowed down to the cap
     assert clock.sleeps[40] == 5  # just started processing: fast again
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_deadline_terminates_despite_float_rounding(seed: int) -> None:
+    # Regression: `now + tiny remaining` rounding back to `now` once made the loop spin forever.
+    from kling_tasks.api.polling import wait_for_task
+
+    state = {"now": 1e15 + seed, "polls": 0}  # ulp at 1e15 is 0.125 s
+
+    async def sleep(seconds: float) -> None:
+        state["now"] += seconds
+
+    async def get() -> TaskSnapshot:
+        state["polls"] += 1
+        assert state["polls"] < 100
+        return TaskSnapshot.model_validate({"task_id": "1", "task_status": "processing"})
+
+    policy = PollPolicy(processing_timeout=120.3, rng=random.Random(seed))
+    with pytest.raises(WaitTimeoutError):
+        await wait_for_task(get, policy=policy, sleep=sleep, clock=lambda: state["now"])
