@@ -109,7 +109,11 @@ class KlingClient:
         self._prefix = ("/kling" if settings.provider == "cometapi" else "") + "/v1/videos"
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
         self._http = httpx.AsyncClient(
-            base_url=settings.base_url, transport=transport, timeout=timeout, follow_redirects=False
+            base_url=settings.base_url,
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=False,
+            headers={"Content-Type": "application/json"},  # reference §2: on every call
         )
 
     def __repr__(self) -> str:
