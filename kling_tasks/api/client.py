@@ -358,8 +358,7 @@ class KlingClient:
                 raise AmbiguousSubmitError(
                     f"create POST for external_task_id {ext} failed ambiguously ({ambiguous}); the provider "
                     f"cannot look tasks up by external id, so it was not resent. Check the provider's "
-                    f"console "
-                    f"for a task with external_task_id {ext} before retrying.",
+                    f"console for a task with external_task_id {ext} before retrying.",
                     external_task_id=ext,
                 ) from None
             log.warning("create POST for external_task_id %s ambiguous (%s); looking it up", ext, ambiguous)
