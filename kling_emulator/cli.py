@@ -1,0 +1,47 @@
+"""`kling-emulator serve`: a local Kling API on the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kling_emulator.faults import load_profile
+from kling_emulator.server import THIRTY_DAYS, EmulatorConfig, serve_forever
+
+app = typer.Typer(help="A local Kling API server that renders real MP4s.", no_args_is_help=True)
+
+
+@app.callback()
+def _root() -> None:
+    """kling-emulator"""
+
+
+@app.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    provider: Annotated[str, typer.Option(help="kling (JWT) or cometapi (bearer, /kling prefix)")] = "kling",
+    access_key: str = "emulator-ak",
+    secret_key: str = "emulator-sk",
+    api_key: Annotated[str, typer.Option(help="CometAPI bearer key")] = "emulator-key",
+    time_scale: Annotated[float, typer.Option(help="1.0 = Kling's typical latencies")] = 1.0,
+    concurrency: Annotated[int, typer.Option(help="account concurrency; over it -> 429/1303")] = 5,
+    faults: Annotated[Path | None, typer.Option(help="fault profile (YAML or JSON)")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="keep tasks and files across restarts")] = None,
+    result_ttl: Annotated[float, typer.Option(help="seconds before result URLs expire")] = THIRTY_DAYS,
+    resolution: Annotated[str, typer.Option(help="small (fast) or 720p")] = "small",
+) -> None:
+    """Serve the emulated Kling API until interrupted."""
+    if provider not in ("kling", "cometapi"):
+        raise typer.BadParameter("provider must be kling or cometapi")
+    serve_forever(EmulatorConfig(
+        provider=provider, access_key=access_key, secret_key=secret_key, api_key=api_key, time_scale=time_scale,
+        concurrency=concurrency, faults=load_profile(faults) if faults else None, state_dir=state_dir,
+        result_ttl_seconds=result_ttl, resolution=resolution, host=host, port=port,
+    ))
+
+
+def main() -> None:
+    app()
