@@ -157,7 +157,7 @@ def demo(dest: Dest = "./demo-output",
     emulator = start_emulator(EmulatorConfig(time_scale=time_scale))
     os.environ.update({
         "KLING_PROVIDER": "kling", "KLING_API_BASE_URL": emulator.base_url,
-        "KLING_ACCESS_KEY": "emulator-ak", "KLING_SECRET_KEY": "emulator-sk",
+        "KLING_ACCESS_KEY": "emulator-ak", "KLING_SECRET_KEY": "emulator-secret-key-0123456789abcdef",
         "KLING_ALLOW_PRIVATE_URLS": "1", "KLING_POLL_MIN_SECONDS": "0.5", "KLING_POLL_MAX_SECONDS": "2",
     })
     err.print(f"Kling emulator running at {emulator.base_url} (time scale {time_scale})")

@@ -24,7 +24,7 @@ def serve(
     port: int = 8000,
     provider: Annotated[str, typer.Option(help="kling (JWT) or cometapi (bearer, /kling prefix)")] = "kling",
     access_key: str = "emulator-ak",
-    secret_key: str = "emulator-sk",
+    secret_key: str = "emulator-secret-key-0123456789abcdef",
     api_key: Annotated[str, typer.Option(help="CometAPI bearer key")] = "emulator-key",
     time_scale: Annotated[float, typer.Option(help="1.0 = Kling's typical latencies")] = 1.0,
     concurrency: Annotated[int, typer.Option(help="account concurrency; over it -> 429/1303")] = 5,

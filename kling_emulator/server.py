@@ -25,7 +25,7 @@ THIRTY_DAYS = 30 * 24 * 3600.0
 class EmulatorConfig:
     provider: str = "kling"  # or "cometapi"
     access_key: str = "emulator-ak"
-    secret_key: str = "emulator-sk"
+    secret_key: str = "emulator-secret-key-0123456789abcdef"
     api_key: str = "emulator-key"
     time_scale: float = 1.0  # 1.0 = Kling's typical latencies; tests use ~0.005
     concurrency: int = 5

@@ -50,10 +50,13 @@ def destination_digest(dest: str) -> str:
     return hashlib.sha256(dest.rstrip("/").encode()).hexdigest()[:16]
 
 
-def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures that may pass (back-pressure, 5xx, network, cut-off downloads)."""
+async def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only failures that may pass (back-pressure, 5xx, network, cut-off downloads).
+
+    Async on purpose: in an async task `state.result()` returns a coroutine and would hide the exception.
+    """
     try:
-        state.result()
+        await state.aresult()
     except Exception as exc:
         return bool(getattr(exc, "retryable", False))
     return False

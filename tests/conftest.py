@@ -94,6 +94,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
                                          PREFECT_RESULTS_LOCAL_STORAGE_PATH: results,
                                          PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield server
+            # Ship the logs still queued in this process before their server goes away.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
     finally:
         server.stop()
 

@@ -11,7 +11,7 @@ import av
 import pytest
 
 EMULATOR_AK = "test-ak-0123456789"
-EMULATOR_SK = "test-sk-abcdefghijklmnop"
+EMULATOR_SK = "test-sk-abcdefghijklmnop-0123456789"
 
 
 @pytest.fixture

@@ -100,3 +100,22 @@ async def test_failed_task_is_not_resubmitted_without_asking(tmp_path: Path, emu
     assert Path(uri).is_file()
     created = emulator.stats()["tasks_created"]
     assert len(created) == 3 and all(count == 1 for count in created.values())
+
+
+async def test_transient_failures_are_retried_and_fatal_ones_are_not(tmp_path: Path, emulator: Any) -> None:
+    emulator.set_faults({"rules": [
+        {"match": "create:text2video", "kind": "http_error", "times": 1, "params": {"status": 429, "code": 1303}},
+        {"match": "download", "kind": "download_cut", "times": 1},
+    ]})
+    job = make_job(str(tmp_path / "out"), extensions=0)
+    uri = await produce_video(job)
+    assert Path(uri).is_file()
+    stats = emulator.stats()
+    (ext,) = stats["tasks_created"]
+    assert stats["create_attempts"][ext] == 2, "the 1303 refusal was retried by the submit task"
+    assert sum(stats["downloads"].values()) == 2, "the cut-off download was retried by the store task"
+
+    emulator.set_faults({"rules": [{"match": "create:*", "kind": "pack_exhausted"}]})
+    with pytest.raises(Exception, match="1102|resource pack"):
+        await produce_video(make_job(str(tmp_path / "other"), extensions=0, duration="10"))
+    assert sum(emulator.stats()["create_attempts"].values()) == 3, "an exhausted pack is never retried"
