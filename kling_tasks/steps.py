@@ -131,7 +131,7 @@ async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str
         if snap.task_status == "processing" and not processing_since:
             processing_since.append(snap.updated_at)
         logger.info(
-            "Kling task %s is %s (external_task_id=%s, request_id=%s)",
+            "Kling task %s status: %s (external_task_id=%s, request_id=%s)",
             snap.task_id, snap.task_status, snap.external_task_id, snap.request_id,
         )
         publish(Notice(job_id, step.index, step.name, snap.task_status, {"task_id": snap.task_id}))
