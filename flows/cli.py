@@ -118,7 +118,7 @@ def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Imag
     plan = plan_job(job)
     table = Table(title=f"job {plan.job_id}: {plan.model_name} {plan.mode}")
     for column in ("step", "name", "external_task_id", "credits"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for step in plan.steps:
         table.add_row(str(step.index), step.name, step.external_task_id, f"{step.estimated_credits:g}")
     err.print(table)
@@ -136,8 +136,9 @@ def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-outpu
     if manifest is None:
         fail(f"no manifest for job {job_id!r} under {dest}")
     table = Table(title=f"job {job_id}: {manifest.status}")
-    for column in ("step", "name", "status", "task_id", "duration", "credits", "uri"):
-        table.add_column(column)
+    for column in ("step", "name", "status", "task_id", "duration", "credits"):
+        table.add_column(column, no_wrap=True)  # ids are copied by people: never cut them
+    table.add_column("uri", overflow="fold")
     for step in manifest.steps:
         table.add_row(str(step.index), step.name, step.status, step.task_id or "",
                       f"{step.duration:.2f}" if step.duration else "", f"{step.credits:g}" if step.credits else "",

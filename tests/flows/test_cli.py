@@ -54,3 +54,19 @@ def test_estimate_prices_the_plan_without_requests(kling_env: dict[str, str], em
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1] == "10.5"  # pro kling-v1: 3.5 + 2 x 3.5
     assert emulator.stats()["requests"] == {}
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_run_prints_the_uri_last_and_status_reads_the_manifest(kling_env: dict[str, str], emulator: Any,
+                                                               tmp_path: Path) -> None:
+    dest = str(tmp_path / "out")
+    result = run_cli("run", "--prompt", "a quiet lake", "--extend", "ripples", "--dest", dest, "--job-id", "lake")
+    assert result.exit_code == 0, result.output
+    final = tmp_path / "out" / "lake" / "final.mp4"
+    assert result.stdout.strip().splitlines()[-1] == str(final.resolve())
+    assert final.is_file()
+
+    status = run_cli("status", "lake", "--dest", dest)
+    assert status.exit_code == 0, status.output
+    assert "extend-1-of-1" in status.stdout and "stored" in status.stdout
+    assert status.stdout.strip().splitlines()[-1] == str(final.resolve())

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from flows.video import KlingStepFailed, produce_video
+from kling_tasks.api import AccountError
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server", "kling_env")]
@@ -116,6 +117,21 @@ async def test_transient_failures_are_retried_and_fatal_ones_are_not(tmp_path: P
     assert sum(stats["downloads"].values()) == 2, "the cut-off download was retried by the store task"
 
     emulator.set_faults({"rules": [{"match": "create:*", "kind": "pack_exhausted"}]})
-    with pytest.raises(Exception, match="1102|resource pack"):
+    with pytest.raises(AccountError, match="1102"):
         await produce_video(make_job(str(tmp_path / "other"), extensions=0, duration="10"))
     assert sum(emulator.stats()["create_attempts"].values()) == 3, "an exhausted pack is never retried"
+
+
+async def test_another_machine_with_an_empty_cache_adopts_instead_of_paying(tmp_path: Path, emulator: Any) -> None:
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    job = make_job(str(tmp_path / "out"), extensions=1)
+    uri = await produce_video(job)
+    before = emulator.stats()
+    # A second machine: nothing in its Prefect cache, the same destination and the same Kling account.
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "other-machine-cache"}):
+        assert await produce_video(job) == uri
+    after = emulator.stats()
+    assert after["tasks_created"] == before["tasks_created"], "found by external_task_id, not created again"
+    assert after["create_attempts"] == before["create_attempts"], "not even a refused POST was sent"
+    assert after["downloads"] == before["downloads"], "stored videos are recognised, not downloaded again"
