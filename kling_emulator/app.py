@@ -262,8 +262,9 @@ def create_app(emulator: Emulator) -> FastAPI:
 
     @app.post("/_emulator/faults")
     async def faults(request: Request) -> Response:
-        try:
-            emulator.faults.replace(await request.json())
+        try:  # an empty body (or null) clears the rules
+            raw = await request.body()
+            emulator.faults.replace(json.loads(raw) if raw.strip() else None)
         except (ValueError, TypeError) as exc:
             return JSONResponse({"message": str(exc)}, status_code=400)
         return JSONResponse({"rules": len(emulator.faults.rules)})

@@ -79,7 +79,9 @@ class EmulatorHandle:
         httpx.post(f"{self.base_url}/_emulator/reset", timeout=10).raise_for_status()
 
     def set_faults(self, profile: dict[str, Any] | list[Any] | None) -> None:
-        httpx.post(f"{self.base_url}/_emulator/faults", json=profile, timeout=10).raise_for_status()
+        """Replace the fault rules; None clears them."""
+        body = {"rules": []} if profile is None else profile
+        httpx.post(f"{self.base_url}/_emulator/faults", json=body, timeout=10).raise_for_status()
 
     def stop(self) -> None:
         self._server.should_exit = True

@@ -29,9 +29,11 @@ API_KEY = "emu-test-comet-api-key-0123456789abcdef"
 SCALE = 0.002  # a T2V lives ~0.64 s, an extension ~0.64 s
 
 
-def make_token(ak: str = AK, sk: str = SK, exp: float = 1800, nbf: float = -5, **claims: Any) -> str:
+def make_token(ak: str = AK, sk: str = SK, exp: float | None = 1800, nbf: float | None = -5) -> str:
+    """A Kling JWT as the reference's sample builds it; exp/nbf are offsets from now, None leaves them out."""
     now = int(time.time())
-    payload: dict[str, Any] = {"iss": ak, "exp": now + exp, "nbf": now + nbf, **claims}
+    payload: dict[str, Any] = {"iss": ak, "exp": None if exp is None else now + exp,
+                               "nbf": None if nbf is None else now + nbf}
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, sk, headers={"typ": "JWT"})
 
 
