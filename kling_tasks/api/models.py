@@ -175,20 +175,9 @@ def _as_float(value: Any) -> Any:
     return value
 
 
-class Video(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    id: str
-    url: str
-    duration: float
-    watermark_url: str | None = None
-
-    @field_validator("duration", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> Any:
-        return _as_float(value)
-
-
 class ParentVideo(BaseModel):
+    """The video an extension continued (``task_info.parent_video``); duration is before the extension."""
+
     model_config = ConfigDict(extra="ignore", frozen=True)
     id: str
     url: str
@@ -198,6 +187,12 @@ class ParentVideo(BaseModel):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return _as_float(value)
+
+
+class Video(ParentVideo):
+    """A result video (``task_result.videos[]``); its ``id`` is the video_id that extensions take."""
+
+    watermark_url: str | None = None
 
 
 class TaskSnapshot(BaseModel):
