@@ -16,6 +16,18 @@ ASPECT_RATIOS = {"16:9", "9:16", "1:1"}
 PROMPT_LIMIT = 2500
 MAX_TOTAL_SECONDS = 180.0
 
+# Capability map (reference §6): the (mode, duration) combinations that accept an option. A model missing from
+# a table has no documented support; None means the reference says nothing either way, so it is accepted.
+CAMERA_TYPES = {"simple", "down_back", "forward_up", "right_turn_forward", "left_turn_forward"}
+CAMERA_AXES = ("horizontal", "vertical", "pan", "tilt", "roll", "zoom")
+T2V_CAMERA = {"kling-v1": {("std", "5")}}
+I2V_CAMERA = {"kling-v1-5": {("pro", "5")}}  # `simple` only
+_PRO_5_10 = {("pro", "5"), ("pro", "10")}
+I2V_TAIL: dict[str, set[tuple[str, str]] | None] = {
+    "kling-v1": {("std", "5"), ("pro", "5")}, "kling-v1-5": _PRO_5_10, "kling-v1-6": _PRO_5_10,
+    "kling-v2-1": _PRO_5_10, "kling-v2-5-turbo": _PRO_5_10, "kling-v2-6": None, "kling-v3": None,
+}
+
 # Typical latencies in seconds (reference §7), before --time-scale.
 LATENCY = {"text2video": 319.0, "image2video": 164.0, "video-extend": 320.0}
 QUEUED_SHARE = 0.1  # part of the latency a task spends in `submitted`

@@ -59,26 +59,69 @@ def validate_generation(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     if kind == "text2video" and aspect not in catalog.ASPECT_RATIOS:
         raise bad_param(f"aspect_ratio must be one of {', '.join(sorted(catalog.ASPECT_RATIOS))}")
     if kind == "image2video":
-        _check_image(body.get("image"))
+        _check_images(body, model, mode, duration)
         aspect = "16:9"  # the output follows the image; the emulator renders 16:9
+    _check_camera(kind, body.get("camera_control"), model, mode, duration)
     for field in ("callback_url", "external_task_id"):
         _optional_string(body, field)
     return {"model": model, "mode": mode, "duration": duration, "aspect_ratio": aspect}
 
 
-def _check_image(image: Any) -> None:
+def _check_images(body: dict[str, Any], model: str, mode: str, duration: str) -> None:
+    """`image` and/or `image_tail` (at least one), the start/end-frame capability, the option groups."""
+    if body.get("image") is None and body.get("image_tail") is None:
+        raise bad_param("image is required (a URL or raw base64), or image_tail")
+    for field in ("image", "image_tail"):
+        if body.get(field) is not None:
+            _check_image(field, body[field])
+    groups = [name for name, present in (
+        ("image_tail", body.get("image_tail") is not None),
+        ("static_mask/dynamic_masks", body.get("static_mask") is not None or body.get("dynamic_masks") is not None),
+        ("camera_control", body.get("camera_control") is not None),
+    ) if present]
+    if len(groups) > 1:
+        raise bad_param(f"{' and '.join(groups)} cannot be used together")
+    if body.get("image_tail") is not None:
+        allowed = catalog.I2V_TAIL.get(model, set())
+        if allowed is not None and (mode, duration) not in allowed:
+            raise bad_param(f"image_tail is not supported by {model} {mode} {duration} s")
+
+
+def _check_image(field: str, image: Any) -> None:
     if not isinstance(image, str) or not image:
-        raise bad_param("image is required (a URL or raw base64)")
+        raise bad_param(f"{field} must be a URL or raw base64")
     if image.startswith("data:"):
-        raise bad_param("image must be raw base64 without a data: prefix")
+        raise bad_param(f"{field} must be raw base64 without a data: prefix")
     if image.startswith(("http://", "https://")):
         return
     try:
         raw = base64.b64decode(image, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_param("image must be a URL or raw base64") from None
+        raise bad_param(f"{field} must be a URL or raw base64") from None
     if len(raw) > 10 * 1024 * 1024:
-        raise bad_param("image must be at most 10 MB")
+        raise bad_param(f"{field} must be at most 10 MB")
+
+
+def _check_camera(kind: str, camera: Any, model: str, mode: str, duration: str) -> None:
+    if camera is None:
+        return
+    if not isinstance(camera, dict) or camera.get("type") not in catalog.CAMERA_TYPES:
+        raise bad_param(f"camera_control.type must be one of {', '.join(sorted(catalog.CAMERA_TYPES))}")
+    table = catalog.T2V_CAMERA if kind == "text2video" else catalog.I2V_CAMERA
+    if (mode, duration) not in table.get(model, set()) or (kind == "image2video" and camera["type"] != "simple"):
+        raise bad_param(f"camera_control ({camera['type']}) is not supported by {model} {mode} {duration} s")
+    config = camera.get("config")
+    if camera["type"] != "simple":
+        if config is not None:
+            raise bad_param("camera_control.config is only for type simple")
+        return
+    if not isinstance(config, dict) or set(config) - set(catalog.CAMERA_AXES):
+        raise bad_param(f"camera_control.config needs some of {', '.join(catalog.CAMERA_AXES)}")
+    values = [config.get(axis, 0) for axis in catalog.CAMERA_AXES]
+    if any(isinstance(v, bool) or not isinstance(v, int | float) or not -10 <= v <= 10 for v in values):
+        raise bad_param("camera_control.config values must be numbers in [-10, 10]")
+    if sum(1 for v in values if v != 0) != 1:
+        raise bad_param("camera_control.config must set exactly one non-zero value")
 
 
 def validate_extension(body: dict[str, Any], needs_task_id: bool) -> tuple[str, str | None]:
