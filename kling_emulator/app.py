@@ -202,26 +202,38 @@ def _int_param(request: Request, name: str, default: int, top: int) -> int:
     return value
 
 
-async def _announce(emulator: Emulator, client: httpx.AsyncClient) -> None:
-    """The ticker: advance tasks and POST the bare task object to callback_url on each status change."""
+async def _tick(emulator: Emulator, outbox: asyncio.Queue[Task]) -> None:
+    """The ticker: advance tasks; each status change of a task with a callback_url goes to the outbox."""
     while True:
-        for task in emulator.engine.tick():
-            if task.callback_url:
-                payload = task.to_api(emulator.base_url)
-                try:
-                    await client.post(task.callback_url, json=payload, timeout=5)
-                except httpx.HTTPError as exc:
-                    log.info("callback to %s failed: %s", task.callback_url, exc)
+        for snapshot in emulator.engine.tick():
+            if snapshot.callback_url:
+                outbox.put_nowait(snapshot)
         await asyncio.sleep(0.02)
+
+
+async def _announce(emulator: Emulator, outbox: asyncio.Queue[Task], client: httpx.AsyncClient) -> None:
+    """POST the bare task object (no envelope) to callback_url, in order, once (no retry).
+
+    Separate from the ticker so a slow or dead receiver delays callbacks, never the lifecycle.
+    """
+    while True:
+        snapshot = await outbox.get()
+        try:
+            await client.post(snapshot.callback_url or "", json=snapshot.to_api(emulator.base_url), timeout=5)
+        except httpx.HTTPError as exc:
+            log.info("callback to %s failed: %s", snapshot.callback_url, exc)
 
 
 def create_app(emulator: Emulator) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        outbox: asyncio.Queue[Task] = asyncio.Queue()
         async with httpx.AsyncClient() as client:
-            ticker = asyncio.create_task(_announce(emulator, client))
+            workers = [asyncio.create_task(_tick(emulator, outbox)),
+                       asyncio.create_task(_announce(emulator, outbox, client))]
             yield
-            ticker.cancel()
+            for worker in workers:
+                worker.cancel()
 
     app = FastAPI(title="kling-emulator", lifespan=lifespan)
     p = emulator.prefix

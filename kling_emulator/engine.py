@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ class Engine:
         self.tasks: dict[str, Task] = {}
         self.stats = Stats()
         self.renderer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="emulator-render")
-        self.changes: list[Task] = []  # status changes waiting for their callbacks
+        self.changes: list[Task] = []  # snapshots taken at each status change, waiting for their callbacks
         self._load()
 
     # --- lookups ---------------------------------------------------------------------------------------------
@@ -162,6 +162,7 @@ class Engine:
             return
         with self.lock:
             task.rendered = True
+            self._save()  # so a restart (--state-dir) knows the file is complete
             self._advance(task, time.time())
 
     def path_of(self, video_id: str) -> Path:
@@ -169,7 +170,7 @@ class Engine:
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def tick(self) -> list[Task]:
-        """Advance every active task; returns snapshots-to-announce (tasks whose status changed)."""
+        """Advance every active task; returns one snapshot per status change since the last tick, in order."""
         now = time.time()
         with self.lock:
             for task in self.tasks.values():
@@ -179,18 +180,26 @@ class Engine:
         return changed
 
     def _advance(self, task: Task, now: float) -> None:
-        before = task.status
+        changed = False
         if task.status == "submitted" and now >= task.queued_until:
-            task.status = "processing"
+            self._change(task, "processing", now)
+            changed = True
         if task.status == "processing" and now >= task.done_at:
             if task.fail_message is not None:
-                task.status, task.status_msg = "failed", task.fail_message
+                task.status_msg = task.fail_message
+                self._change(task, "failed", now)
+                changed = True
             elif task.rendered:
-                task.status = "succeed"
-        if task.status != before:
-            task.updated_at = int(now * 1000)
-            self.changes.append(task)
+                self._change(task, "succeed", now)
+                changed = True
+        if changed:
             self._save()
+
+    def _change(self, task: Task, status: str, now: float) -> None:
+        # A snapshot per transition: a task passing both in one step still announces `processing`, and each
+        # callback carries the status it announces, not whatever the task has reached by the time it is sent.
+        task.status, task.updated_at = status, int(now * 1000)
+        self.changes.append(replace(task, segments=list(task.segments)))
 
     def expired(self, task: Task) -> bool:
         return time.time() >= task.expires_at
@@ -201,6 +210,7 @@ class Engine:
     def reset(self) -> None:
         with self.lock:
             self.tasks.clear()
+            self.changes.clear()  # no callbacks for tasks that no longer exist
             self.stats = Stats()
             self._save()
 

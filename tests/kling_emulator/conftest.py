@@ -166,6 +166,7 @@ class CallbackReceiver:
     """A local HTTP server on a free port collecting the JSON bodies POSTed to it."""
 
     def __init__(self) -> None:
+        self.delay = 0.0  # seconds before answering the next call (once): a slow receiver
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
         receiver = self
@@ -175,6 +176,8 @@ class CallbackReceiver:
                 length = int(self.headers.get("Content-Length", 0))
                 receiver.bodies.append(json.loads(self.rfile.read(length)))
                 receiver.paths.append(self.path)
+                delay, receiver.delay = receiver.delay, 0.0
+                time.sleep(delay)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -95,8 +95,8 @@ def test_list_pages_newest_first(kling: Any) -> None:
 
 
 def test_kling_has_no_cometapi_prefix_and_vice_versa(kling: Any, comet: Any) -> None:
-    assert kling.http.post("/kling/v1/videos/text2video", json={"prompt": "x"}, headers=kling.headers()).status_code == 404
-    assert comet.http.post("/v1/videos/text2video", json={"prompt": "x"}, headers=comet.headers()).status_code == 404
+    for api, path in ((kling, "/kling/v1/videos/text2video"), (comet, "/v1/videos/text2video")):
+        assert api.http.post(path, json={"prompt": "x"}, headers=api.headers()).status_code == 404
 
 
 def test_unknown_endpoint(kling: Any) -> None:

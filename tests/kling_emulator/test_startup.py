@@ -89,6 +89,7 @@ def test_in_process_helper_binds_a_free_port_and_frees_it(tools: Any) -> None:
     chosen = free_port()
     with running_emulator(port=chosen, access_key=AK, secret_key=SK) as emu:
         assert emu.base_url == f"http://127.0.0.1:{chosen}"
-        response = httpx.get(f"{emu.base_url}/v1/videos/text2video", headers={"Authorization": f"Bearer {make_token()}"})
+        headers = {"Authorization": f"Bearer {make_token()}"}
+        response = httpx.get(f"{emu.base_url}/v1/videos/text2video", headers=headers)
         assert response.json()["data"] == []
     assert port_is_free(chosen)
