@@ -1,0 +1,107 @@
+"""Output: real MP4s whose decoded length is what the task says; extensions are the whole video; TTL; 720p."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kling_emulator import EmulatorConfig, start_emulator
+
+
+def mean_rgb(frame: np.ndarray) -> np.ndarray:
+    return frame.reshape(-1, 3).mean(axis=0)  # type: ignore[no-any-return]
+
+
+def check_video(tools: Any, data: dict[str, Any], dest: Path) -> tuple[float, list[np.ndarray], tuple[int, int]]:
+    video = data["task_result"]["videos"][0]
+    response = tools.download(video["url"], dest)
+    assert response.headers["content-type"] == "video/mp4"
+    assert int(response.headers["content-length"]) == len(response.content) > 0
+    seconds, frames, size = tools.decode(dest)
+    assert abs(seconds - float(video["duration"])) <= 0.1, (seconds, video["duration"])
+    return seconds, frames, size
+
+
+def check_chain(api: Any, tools: Any, tmp_path: Path, extensions: int) -> None:
+    video = api.finished(model_name="kling-v1-6", duration="5")
+    first_seconds, first_frames, _ = check_video(tools, video, tmp_path / "step-0.mp4")
+    assert first_seconds == pytest.approx(5.0, abs=0.1)
+    for step in range(1, extensions + 1):
+        parent = video["task_result"]["videos"][0]
+        video = api.extend(video, prompt=f"and then {step}")
+        info = video["task_info"]["parent_video"]
+        assert info["id"] == parent["id"] and info["duration"] == parent["duration"]
+        assert info["url"] == parent["url"]
+        new = float(video["task_result"]["videos"][0]["duration"])
+        assert 4 <= new - float(parent["duration"]) <= 5, "an extension adds 4-5 s"
+        assert video["task_result"]["videos"][0]["id"] != parent["id"]
+        seconds, frames, _ = check_video(tools, video, tmp_path / f"step-{step}.mp4")
+        # The WHOLE video: the parent's frames come first, then one new segment that looks different.
+        parent_frames = round(float(parent["duration"]) * 24)
+        assert len(frames) == round(seconds * 24)
+        assert np.abs(mean_rgb(frames[parent_frames - 1]) - mean_rgb(frames[parent_frames + 1])).max() > 15
+        assert np.array_equal(mean_rgb(frames[10]).round(), mean_rgb(first_frames[10]).round())
+        assert video["final_unit_deduction"] == "2", "a kling-v1-6 std extension costs 2 units"
+
+
+def test_kling_generate_then_extend_three_times(kling: Any, tools: Any, tmp_path: Path) -> None:
+    check_chain(kling, tools, tmp_path, extensions=3)
+
+
+def test_cometapi_generate_then_extend_with_task_and_video_id(comet: Any, tools: Any, tmp_path: Path) -> None:
+    check_chain(comet, tools, tmp_path, extensions=1)
+
+
+def test_segments_differ_by_eye(kling: Any, tools: Any, tmp_path: Path) -> None:
+    video = kling.extend(kling.finished(duration="5"))
+    _, frames, _ = check_video(tools, video, tmp_path / "v.mp4")
+    one, two = mean_rgb(frames[60]), mean_rgb(frames[-20])
+    assert np.abs(one - two).max() > 30, (one, two)
+    assert not np.array_equal(frames[0], frames[1]), "frames move (progress bar, running time)"
+
+
+@pytest.mark.parametrize(("aspect", "size"), [("16:9", (320, 180)), ("9:16", (180, 320)), ("1:1", (180, 180))])
+def test_aspect_ratios_at_the_small_size(kling: Any, tools: Any, tmp_path: Path, aspect: str,
+                                         size: tuple[int, int]) -> None:
+    video = kling.finished(aspect_ratio=aspect)
+    assert check_video(tools, video, tmp_path / "v.mp4")[2] == size
+
+
+def test_720p_on_request(tools: Any, tmp_path: Path) -> None:
+    config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.0005, resolution="720p")
+    with start_emulator(config) as handle:
+        api = tools.Api(handle)
+        video = api.finished()
+        assert check_video(tools, video, tmp_path / "a.mp4")[2] == (1280, 720)
+        extended = api.extend(video)
+        assert check_video(tools, extended, tmp_path / "b.mp4")[2] == (1280, 720)
+        api.http.close()
+
+
+@pytest.fixture(scope="module")
+def short_ttl(tools: Any) -> Iterator[Any]:
+    config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.0005, result_ttl_seconds=1.0)
+    with start_emulator(config) as handle:
+        yield handle
+
+
+def test_results_expire_after_the_ttl(short_ttl: Any, tools: Any, tmp_path: Path) -> None:
+    api = tools.Api(short_ttl)
+    video = api.finished()
+    url = video["task_result"]["videos"][0]["url"]
+    tools.download(url, tmp_path / "fresh.mp4")
+    time.sleep(max(0.0, video["created_at"] / 1000 + 1.05 - time.time()))
+    assert api.http.get(url).status_code in (403, 404)
+    refused = api.post("video-extend", {"video_id": video["task_result"]["videos"][0]["id"]})
+    assert (refused.status_code, refused.json()["code"]) == (400, 1201)
+    assert "expired" in refused.json()["message"]
+    api.http.close()
+
+
+def test_unknown_file_is_404(kling: Any) -> None:
+    assert kling.http.get("/_files/00000000-0000-0000-0000-000000000000.mp4").status_code == 404
