@@ -18,7 +18,7 @@ from kling_emulator import catalog, render
 from kling_emulator.auth import check_bearer, check_kling_jwt
 from kling_emulator.engine import Engine, Task
 from kling_emulator.errors import ApiError, bad_param, envelope, error_response
-from kling_emulator.faults import Faults, Rule
+from kling_emulator.faults import STATUS_OF_CODE, Faults, Rule
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class Emulator:
         elif rule.kind == "drop_before":
             return DroppedConnection()
         elif rule.kind == "http_error":
-            status, code = int(rule.params.get("status", 500)), int(rule.params.get("code", 5000))
+            code = int(rule.params.get("code", 5000))
+            status = int(rule.params.get("status", STATUS_OF_CODE.get(code, 500)))
             return error_response(ApiError(status, code, str(rule.params.get("message", "injected fault"))))
         elif rule.kind == "pack_exhausted":
             return error_response(ApiError(429, 1102, "resource pack exhausted"))

@@ -3,10 +3,13 @@
 Profile (YAML or JSON, from --faults FILE or POST /_emulator/faults):
 
     rules:
-      - match: create:video-extend     # create:KIND | create:* | get:KIND | get:* | list:* | download | any
+      - match: create:video-extend     # create:KIND | create:* | get:KIND | get:* | list:KIND | list:* | download | any
         kind: drop_after_commit        # see KINDS
-        probability: 0.5               # or: sequence: [true, false, true]   or: times: 2
-        params: {}                     # seconds (slow), status/code (http_error), message (task_fail)
+        probability: 0.5               # or: sequence: [true, false, true]   or: times: 2   (none: always)
+        params: {}                     # seconds (slow), code/status/message (http_error), message (task_fail)
+
+KIND is text2video, image2video or video-extend. Rules are tried in order; the first that applies to the
+event and fires wins (a rule whose sequence is used up, or whose times are spent, no longer fires).
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ KINDS = {
     "download_cut",  # the download announces its full length, sends half, then closes
     "url_expired",  # the result URL answers 403 as if expired
 }
+# The HTTP status of each business code (reference §11), so an http_error rule may give only the code.
+STATUS_OF_CODE = {1000: 401, 1001: 401, 1002: 401, 1003: 401, 1004: 401, 1100: 429, 1101: 429, 1102: 429,
+                  1103: 403, 1200: 400, 1201: 400, 1202: 404, 1203: 404, 1300: 400, 1301: 400, 1302: 429,
+                  1303: 429, 1304: 429, 5000: 500, 5001: 503, 5002: 504}
+EVENT_KINDS = ("text2video", "image2video", "video-extend", "*")
 APPLIES_TO = {
     "create": {"http_error", "pack_exhausted", "drop_before", "drop_after_commit", "slow", "task_fail"},
     "get": {"http_error", "drop_before", "slow"},
@@ -45,6 +53,22 @@ class Rule:
     sequence: list[bool] | None = None
     times: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; known: {', '.join(sorted(KINDS))}")
+        prefix, colon, rest = self.match.partition(":")
+        known = self.match in ("any", "*", "download") or (
+            colon and prefix in ("create", "get", "list") and rest in EVENT_KINDS)
+        if not known:
+            raise ValueError(f"unknown fault match {self.match!r} (create:KIND, get:KIND, list:KIND, download, any)")
+        if sum(x is not None for x in (self.probability, self.sequence, self.times)) > 1:
+            raise ValueError("give at most one of probability, sequence, times")
+        if self.probability is not None and not 0 <= self.probability <= 1:
+            raise ValueError("probability must be in [0, 1]")
+        if not isinstance(self.params, dict):
+            raise ValueError("params must be a mapping")
+        self.sequence = None if self.sequence is None else [bool(x) for x in self.sequence]
 
     def matches(self, event: str) -> bool:
         if self.match in ("any", "*", event):
@@ -70,11 +94,10 @@ class Faults:
         self.replace(profile)
 
     def replace(self, profile: dict[str, Any] | list[Any] | None) -> None:
-        raw = profile.get("rules", []) if isinstance(profile, dict) else (profile or [])
+        raw = (profile.get("rules") if isinstance(profile, dict) else profile) or []
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            raise ValueError("a fault profile is {rules: [...]} or a list of rules")
         rules = [Rule(**item) for item in raw]
-        for rule in rules:
-            if rule.kind not in KINDS:
-                raise ValueError(f"unknown fault kind {rule.kind!r}; known: {', '.join(sorted(KINDS))}")
         with self._lock:
             self.rules = rules
 
@@ -88,6 +111,7 @@ class Faults:
         return None
 
 
-def load_profile(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
+def load_profile(path: Path | str) -> dict[str, Any]:
+    """A profile file: YAML, or JSON (which YAML reads too)."""
+    data = yaml.safe_load(Path(path).read_text())
     return data if isinstance(data, dict) else {"rules": data or []}

@@ -16,7 +16,7 @@ import uvicorn
 
 from kling_emulator.app import Emulator, create_app
 from kling_emulator.engine import Engine
-from kling_emulator.faults import Faults
+from kling_emulator.faults import Faults, load_profile
 
 THIRTY_DAYS = 30 * 24 * 3600.0
 
@@ -29,7 +29,7 @@ class EmulatorConfig:
     api_key: str = "emulator-key"
     time_scale: float = 1.0  # 1.0 = Kling's typical latencies; tests use ~0.005
     concurrency: int = 5
-    faults: dict[str, Any] | list[Any] | None = None
+    faults: dict[str, Any] | list[Any] | Path | str | None = None  # a profile, or the path of a YAML/JSON file
     state_dir: Path | None = None
     result_ttl_seconds: float = THIRTY_DAYS
     resolution: str = "small"  # or "720p"
@@ -47,7 +47,8 @@ def build(config: EmulatorConfig) -> tuple[Emulator, Path | None]:
         config.state_dir.mkdir(parents=True, exist_ok=True)
     engine = Engine(time_scale=config.time_scale, concurrency=config.concurrency, resolution=config.resolution,
                     result_ttl_seconds=config.result_ttl_seconds, state_dir=config.state_dir, files_dir=files)
-    emulator = Emulator(engine, Faults(config.faults), provider=config.provider, access_key=config.access_key,
+    profile = load_profile(config.faults) if isinstance(config.faults, Path | str) else config.faults
+    emulator = Emulator(engine, Faults(profile), provider=config.provider, access_key=config.access_key,
                         secret_key=config.secret_key, api_key=config.api_key)
     return emulator, scratch
 
