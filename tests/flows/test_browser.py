@@ -22,6 +22,7 @@ from uuid import UUID
 import pytest
 from prefect import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter
+from prefect.client.schemas.sorting import TaskRunSort
 
 from flows.video import produce_video
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob
@@ -74,7 +75,8 @@ def ui_run(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     assert flow_run_id is not None
     with get_client(sync_client=True) as client:  # task runs arrive after the flow returns
         deadline = time.monotonic() + 20
-        while len(client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}))) < 6:
+        while len(client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run_id]}),
+                                         sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)) < 6:
             assert time.monotonic() < deadline, "task runs never arrived"
             time.sleep(0.3)
         arts = client.read_artifacts(
