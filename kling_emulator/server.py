@@ -110,10 +110,11 @@ def running_emulator(**fields: Any) -> EmulatorHandle:
 
 def serve_forever(config: EmulatorConfig) -> None:
     emulator, scratch = build(config)
-    port = config.port or 8000
-    emulator.base_url = f"http://{config.host}:{port}"
+    if config.port and config.host not in ("0.0.0.0", "::", ""):
+        emulator.base_url = f"http://{config.host}:{config.port}"
+    # Otherwise (a wildcard host, or port 0) result URLs follow each request's own Host header.
     try:
-        uvicorn.run(create_app(emulator), host=config.host, port=port, log_level="info")
+        uvicorn.run(create_app(emulator), host=config.host, port=config.port, log_level="info")
     finally:
         emulator.engine.renderer.shutdown(wait=False, cancel_futures=True)
         if scratch is not None:

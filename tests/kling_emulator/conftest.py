@@ -26,7 +26,7 @@ from kling_emulator import EmulatorConfig, EmulatorHandle, start_emulator
 AK = "emu-test-access-key-0123456789"
 SK = "emu-test-secret-key-0123456789abcdefghij"  # >= 32 bytes: PyJWT warns about shorter HMAC keys
 API_KEY = "emu-test-comet-api-key-0123456789abcdef"
-SCALE = 0.002  # a T2V lives ~0.64 s, an extension ~0.64 s
+SCALE = 0.001  # a T2V lives ~0.32 s, an extension ~0.32 s
 
 
 def make_token(ak: str = AK, sk: str = SK, exp: float | None = 1800, nbf: float | None = -5) -> str:
