@@ -26,8 +26,8 @@ FAILURE_PAYLOAD = (
     '"external_task_id": {{ event.payload.external_task_id | tojson }}, '
     '"step": {{ event.resource.get("prefect.resource.name") | tojson }}, '
     '"message": {{ event.payload.task_status_msg | tojson }}, '
-    '"flow_run_id": {{ (event.resource_in_role["flow-run"].id if "flow-run" in event.resource_in_role '
-    'else none) | tojson }}}'
+    '"flow_run_id": {{ (event.resource_in_role["flow-run"].id.removeprefix("prefect.flow-run.") '
+    'if "flow-run" in event.resource_in_role else none) | tojson }}}'
 )
 
 

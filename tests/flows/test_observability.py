@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -34,12 +36,14 @@ from prefect.events.schemas.events import ReceivedEvent
 
 from flows.video import produce_video
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob
+from kling_tasks.observability.automations import create_failure_webhook
 
 # This module's own credentials, distinctive so the scan cannot match by accident.
 KLING_AK = "obs-test-ak-7f3c9e1d2b4a"
 KLING_SK = "obs-test-sk-5e8d1c7b9a3f6e2d"
 AWS_SECRET = "obs-test-aws-secret-4b7e1a9c3d"
 JOB_ID = "obs-e2e-kite"
+FAILED_JOB_ID = "obs-e2e-refused"
 EXTENSIONS = 2
 
 T = TypeVar("T")
@@ -69,6 +73,8 @@ class Run:
 class Observed:
     first: Run
     rerun: Run
+    failed: Run  # a job whose extension Kling fails, with the failure automation on the server
+    webhook_calls: list[dict[str, Any]]
     s3_endpoint: str
 
 
@@ -98,22 +104,53 @@ def observed(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         job = VideoJob(generate=GenerationSpec(prompt="a red kite over green hills"), extensions=extensions,
                        dest="s3://videos/runs", job_id=JOB_ID)
         runs = [_run(job) for _ in range(2)]
+
+        # The documented automation, live: Kling fails the extension, the server calls our webhook.
+        calls, hook = _webhook_server()
+        automation_id = create_failure_webhook(f"http://127.0.0.1:{hook.server_port}/kling-failed",
+                                               name="obs-e2e-failed")
+        emulator.set_faults({"rules": [{"match": "create:video-extend", "kind": "task_fail",
+                                        "params": {"message": "refused by content policy"}}]})
+        failing = job.model_copy(update={"job_id": FAILED_JOB_ID, "extensions": extensions[:1]})
+        failed = _run(failing, expect_failure=True)
         try:
-            yield Observed(first=runs[0], rerun=runs[1], s3_endpoint=endpoint)
+            yield Observed(first=runs[0], rerun=runs[1], failed=failed, webhook_calls=calls, s3_endpoint=endpoint)
         finally:
+            with get_client(sync_client=True) as client:
+                client.delete_automation(automation_id)
+            hook.shutdown()
             s3_server.stop()
 
 
-def _run(job: VideoJob) -> Run:
+def _run(job: VideoJob, expect_failure: bool = False) -> Run:
     started = time.monotonic()
     state = asyncio.run(produce_video(job, return_state=True))
-    uri = state.result()
+    assert state.is_failed() == expect_failure, state
+    uri = "" if expect_failure else state.result()
     assert isinstance(uri, str)
     print(f"\nflow run {state.state_details.flow_run_id} took {time.monotonic() - started:.1f} s")
-    raw = boto3.client("s3").get_object(Bucket="videos", Key=f"runs/{JOB_ID}/manifest.json")["Body"].read()
+    job_id = job.effective_job_id()
+    raw = boto3.client("s3").get_object(Bucket="videos", Key=f"runs/{job_id}/manifest.json")["Body"].read()
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_id is not None
-    return Run(flow_run_id=flow_run_id, job_id=JOB_ID, uri=uri, manifest=json.loads(raw), manifest_raw=raw)
+    return Run(flow_run_id=flow_run_id, job_id=job_id, uri=uri, manifest=json.loads(raw), manifest_raw=raw)
+
+
+def _webhook_server() -> tuple[list[dict[str, Any]], HTTPServer]:
+    calls: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return calls, server
 
 
 # ---- reading back ----------------------------------------------------------------------------------------
@@ -287,6 +324,37 @@ def test_events_name_the_kling_task_and_relate_the_job_and_task_run(observed: Ob
     assert credits == sorted(s["credits"] for s in steps)
 
 
+# ---- a failed Kling task ---------------------------------------------------------------------------------
+
+
+def test_failed_task_is_an_event_a_summary_and_a_webhook_call(observed: Observed) -> None:
+    run = observed.failed
+    failed_step = run.manifest["steps"][1]
+    assert run.manifest["status"] == "failed" and failed_step["status"] == "failed"
+    events = kling_events(run, 5)  # submitted, succeeded, stored (generate) + the extension's submitted, failed
+    failed = [e for e in events if e.event == "kling.task.failed"]
+    assert len(failed) == 1 and failed[0].resource.id == f"kling.task.{failed_step['task_id']}"
+    assert failed[0].payload["task_status_msg"] == "refused by content policy"
+    assert {r.id for r in failed[0].related} >= {f"kling.job.{FAILED_JOB_ID}", f"prefect.flow-run.{run.flow_run_id}"}
+
+    arts = latest_by_key(run)
+    assert set(arts) == {f"{FAILED_JOB_ID}-{k}" for k in ("progress", "steps", "summary")}, "no video link"
+    assert 0 < float(arts[f"{FAILED_JOB_ID}-progress"].data) < 100
+    summary = str(arts[f"{FAILED_JOB_ID}-summary"].data)
+    assert summary.startswith(f"# {FAILED_JOB_ID}: failed")
+    assert "**Step `extend-1-of-1` failed**" in summary and "refused by content policy" in summary
+    rows = json.loads(str(arts[f"{FAILED_JOB_ID}-steps"].data))
+    assert [r["status"] for r in rows] == ["stored", "failed"]
+
+    calls = poll(lambda: [c for c in observed.webhook_calls if c["job_id"] == FAILED_JOB_ID], lambda c: len(c) >= 1,
+                 timeout=30, what="the webhook call")
+    assert calls == [{
+        "event": "kling.task.failed", "job_id": FAILED_JOB_ID, "kling_task_id": failed_step["task_id"],
+        "external_task_id": failed_step["external_task_id"], "step": "extend-1-of-1",
+        "message": "refused by content policy", "flow_run_id": str(run.flow_run_id),
+    }]
+
+
 # ---- secrets ---------------------------------------------------------------------------------------------
 
 _DATA_URI = re.compile(r"data:[a-z/+-]+;base64,[A-Za-z0-9+/=]+")
@@ -294,15 +362,24 @@ _DATA_URI = re.compile(r"data:[a-z/+-]+;base64,[A-Za-z0-9+/=]+")
 
 def test_no_secret_in_any_log_artifact_event_or_manifest(observed: Observed) -> None:
     texts: list[tuple[str, str]] = []
-    for run in (observed.first, observed.rerun):
+    for run in (observed.first, observed.rerun, observed.failed):
         texts += [(f"log {log.timestamp}", log.message) for log in run_logs(run, "summary artifact")]
         for artifact in artifacts(run):
             texts.append((f"artifact {artifact.key} data", json.dumps(artifact.data)))
             texts.append((f"artifact {artifact.key} description", artifact.description or ""))
         texts.append(("manifest", run.manifest_raw.decode()))
     texts += [(f"event {e.event}", e.model_dump_json()) for e in kling_events(observed.first, 9)]
-    assert len(texts) > 50, "the scan saw the run"
+    texts += [(f"event {e.event}", e.model_dump_json()) for e in kling_events(observed.failed, 5)]
+    texts += [("webhook call", json.dumps(call)) for call in observed.webhook_calls]
+    assert len(texts) > 50, "the scan saw the runs"
+    assert leaks([("planted", f"Bearer eyJhbGciOiJIUzI1NiJ9.x.y {KLING_SK}")]), "the scan itself works"
+    assert leaks(texts) == []
+
+
+def leaks(texts: list[tuple[str, str]]) -> list[str]:
+    found = []
     for where, text in texts:
         text = _DATA_URI.sub("<inline image>", text)  # base64 pixels may spell anything, "eyJ" included
-        for secret in (KLING_AK, KLING_SK, AWS_SECRET, "eyJ"):
-            assert secret not in text, f"{secret[:8]}... leaked in {where}"
+        found += [f"{secret[:8]}... in {where}" for secret in (KLING_AK, KLING_SK, AWS_SECRET, "eyJ")
+                  if secret in text]
+    return found
