@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BIN = Path(sys.executable).parent
 AK = "bench-ak-0123456789"
+LOAD_AT_START = os.getloadavg()  # other processes may share the 2 cores: recorded with the results
 SK = "bench-sk-0123456789abcdefghijklmnopqrstuv"  # >= 32 bytes: HS256 keys shorter than that warn
 
 
@@ -44,7 +45,8 @@ def machine() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "loadavg_1_5_15": [round(x, 2) for x in load],
+        "loadavg_1_5_15_at_start": [round(x, 2) for x in LOAD_AT_START],
+        "loadavg_1_5_15_at_end": [round(x, 2) for x in load],
     }
 
 

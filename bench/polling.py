@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--policies", default=DEFAULT_POLICIES, help=f"comma-separated (default {DEFAULT_POLICIES})")
     parser.add_argument("--sim-trials", type=int, default=400, help="trials per cell of the model (default 400)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--model-only", action="store_true", help="only the model section (no emulator, no file)")
     parser.add_argument("--quick", action="store_true", help="2 tasks per kind and policy at time scale 0.02")
     args = parser.parse_args()
     if args.quick:
@@ -178,6 +179,9 @@ def main() -> None:
         parse_policy(spec)
     scale = float(args.time_scale)
     started = time.monotonic()
+    if args.model_only:
+        print_model(policies, args.sim_trials, args.seed)
+        return
 
     with common.scratch("bench-polling-") as logs, common.emulator(logs, time_scale=scale) as emu:
         settings = KlingSettings(api_base_url=emu.base_url, access_key=common.AK, secret_key=common.SK)
@@ -197,18 +201,7 @@ def main() -> None:
                   f"{r['detection_delay_kling_s']['max']:.1f}", f"{r['task_length_kling_s']['mean']:.0f}"]
                  for r in rows])
 
-    lengths = [60.0, 164.0, 320.0, 600.0, 1200.0]
-    model = []
-    for p in policies:
-        for d in lengths:
-            polls, delay = simulate(p, d, args.sim_trials, args.seed)
-            model.append({"policy": p, "length_kling_s": d, "polls": round(polls, 1),
-                          "detection_delay_kling_s": round(delay, 1)})
-    print_table("Model (policy code, simulated clock): polls / mean delay (Kling s) by task length",
-                ["policy", *[f"{d:g} s" for d in lengths]],
-                [[p, *[f"{m['polls']:.0f} / {m['detection_delay_kling_s']:.1f}" for m in model
-                       if m["policy"] == p]] for p in policies])
-
+    model = print_model(policies, args.sim_trials, args.seed)
     elapsed = time.monotonic() - started
     print(f"\nwall time {elapsed:.0f} s; every client-side poll count matches the emulator's: "
           f"{all(r['client_polls_match'] for r in rows)}")
@@ -217,6 +210,21 @@ def main() -> None:
                                 "wall_seconds": round(elapsed, 1), "measured": rows,
                                 "model": model, "model_trials": args.sim_trials})
     print(f"wrote {path.relative_to(common.ROOT)}")
+
+
+def print_model(policies: list[str], trials: int, seed: int) -> list[dict[str, Any]]:
+    lengths = [60.0, 164.0, 320.0, 600.0, 1200.0]
+    model = []
+    for p in policies:
+        for d in lengths:
+            polls, delay = simulate(p, d, trials, seed)
+            model.append({"policy": p, "length_kling_s": d, "polls": round(polls, 1),
+                          "detection_delay_kling_s": round(delay, 1)})
+    print_table("Model (policy code, simulated clock): polls / mean delay (Kling s) by task length",
+                ["policy", *[f"{d:g} s" for d in lengths]],
+                [[p, *[f"{m['polls']:.0f} / {m['detection_delay_kling_s']:.1f}" for m in model
+                       if m["policy"] == p]] for p in policies])
+    return model
 
 
 if __name__ == "__main__":
