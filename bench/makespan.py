@@ -15,7 +15,7 @@ latencies × --time-scale and the poll bounds compressed by the same factor, a l
 Kling and detect scale with --time-scale; the rest does not, so `projected_real_s` = (kling + detect) /
 scale + the rest is what the same job would take against real Kling with the default poll bounds.
 
-    .venv/bin/python bench/makespan.py             # ~90 s on 2 cores
+    .venv/bin/python bench/makespan.py             # ~75 s on 2 cores (~100 s with --s3)
     .venv/bin/python bench/makespan.py --quick     # 1 + 1, no CLI
     .venv/bin/python bench/makespan.py --s3        # also to S3 (moto)
 """
