@@ -36,7 +36,7 @@ class KlingSettings(BaseSettings):
     # auto = try `?external_task_id=` on the list path, then the path form (wire form UNCONFIRMED, ref §3.6).
     external_id_lookup: ExternalIdLookup = Field("auto", validation_alias="KLING_EXTERNAL_ID_LOOKUP")
     poll_min_seconds: float = Field(5.0, gt=0, validation_alias="KLING_POLL_MIN_SECONDS")
-    poll_max_seconds: float = Field(30.0, gt=0, validation_alias="KLING_POLL_MAX_SECONDS")
+    poll_max_seconds: float = Field(15.0, gt=0, validation_alias="KLING_POLL_MAX_SECONDS")
     # Deadline for time spent *processing*; time queued in `submitted` counts against queue_timeout_seconds.
     wait_timeout_seconds: float = Field(1800.0, gt=0, validation_alias="KLING_WAIT_TIMEOUT_SECONDS")
     queue_timeout_seconds: float = Field(3600.0, gt=0, validation_alias="KLING_QUEUE_TIMEOUT_SECONDS")

@@ -1,13 +1,13 @@
 """The wait policy: how often to poll a task and when to give up (DESIGN §3, reference §7, §15).
 
 Policy. The interval is proportional to the time the task has spent in its *current* status,
-``interval = growth × time_in_status`` clamped to ``[min, max]`` (defaults 10 %, 5 s, 30 s), then jittered by
+``interval = growth × time_in_status`` clamped to ``[min, max]`` (defaults 10 %, 5 s, 15 s), then jittered by
 ±20 % (clamped again) so many waiters do not poll in lock-step. A status change resets the clock, so the
 first polls after ``submitted → processing`` are quick again. Why: Kling tasks take minutes (T2V ~5 min); a
-fixed fast poll hammers the API, a fixed slow one detects late, and durations vary ~10× (1–10 min), so the
-policy is scale-free: the detection delay stays under ~10 % of the time already waited (never over ``max``)
-while polls grow only logarithmically with the task's length. Simulated with the defaults: a 60 s task
-takes ~13 polls (mean delay ~3.5 s), 164 s ~23 (~8 s), 320 s ~30 (~15 s), 600 s ~40 (~14 s). Lower
+fixed fast poll hammers the API, a fixed slow one detects late, and durations vary ~10× (1–10 min), so short
+tasks are caught within seconds while long ones settle at ``max``. The cap is 15 s, not 30 s, because
+bench/polling.py measured the 30 s cap detecting ~320 s tasks 9–19 s late for ~35 polls, while a 15 s cap
+detects them 4–6 s late for about the same number (see bench/README.md for the current figures). Lower
 ``max``/``growth`` (KLING_POLL_MAX_SECONDS, ``PollPolicy.growth``) to trade polls for quicker detection.
 
 Deadlines. Time in ``submitted`` (queued for an account slot) counts only against ``queue_timeout``; time
@@ -38,7 +38,7 @@ OnUpdate = Callable[[TaskSnapshot], Awaitable[None]]
 @dataclass(frozen=True)
 class PollPolicy:
     min_interval: float = 5.0
-    max_interval: float = 30.0
+    max_interval: float = 15.0
     growth: float = 0.10  # interval = growth × time spent in the current status
     jitter: float = 0.20  # ± fraction
     processing_timeout: float = 1800.0

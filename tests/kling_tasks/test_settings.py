@@ -35,7 +35,7 @@ def test_defaults() -> None:
     s = KlingSettings()
     assert s.provider == "kling" and s.base_url == "https://api-singapore.klingai.com"
     assert (s.max_concurrency, s.allow_private_urls, s.external_id_lookup) == (5, False, "auto")
-    assert (s.poll_min_seconds, s.poll_max_seconds) == (5, 30)
+    assert (s.poll_min_seconds, s.poll_max_seconds) == (5, 15)
     assert (s.wait_timeout_seconds, s.queue_timeout_seconds) == (1800, 3600)
     assert (s.connect_timeout, s.read_timeout) == (10, 60)
     assert s.missing_credentials() == ["KLING_ACCESS_KEY", "KLING_SECRET_KEY"]
