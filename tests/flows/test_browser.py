@@ -35,7 +35,7 @@ pytestmark = [
 ]
 
 KLING_AK = "browser-test-ak-2c6e0a8f"
-KLING_SK = "browser-test-sk-9d1f4b7e3a5c"
+KLING_SK = "browser-test-sk-9d1f4b7e3a5c2e8f0b6d"  # >= 32 bytes: HS256 key
 JOB_ID = "browser-kite"
 TASK_NAMES = ["generate", "wait-generate", "store-step-00", "extend-1-of-1", "wait-extend-1-of-1", "store-step-01"]
 ARTIFACT_KEYS = [f"{JOB_ID}-{kind}" for kind in ("progress", "steps", "video", "summary")]

@@ -40,7 +40,7 @@ from kling_tasks.observability.automations import create_failure_webhook
 
 # This module's own credentials, distinctive so the scan cannot match by accident.
 KLING_AK = "obs-test-ak-7f3c9e1d2b4a"
-KLING_SK = "obs-test-sk-5e8d1c7b9a3f6e2d"
+KLING_SK = "obs-test-sk-5e8d1c7b9a3f6e2d0a4c8b1e"  # >= 32 bytes: HS256 key
 AWS_SECRET = "obs-test-aws-secret-4b7e1a9c3d"
 JOB_ID = "obs-e2e-kite"
 FAILED_JOB_ID = "obs-e2e-refused"
