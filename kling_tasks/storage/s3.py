@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import boto3
 import httpx
+from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -58,7 +59,8 @@ class S3Sink:
         # A fresh Session, not boto3.client(): the default session caches credentials process-wide,
         # so a changed environment (rotated keys, another endpoint) would be silently ignored.
         if self._client is None:
-            self._client = boto3.session.Session().client("s3")
+            # SigV4 explicitly: presigned links then work in every region and on every S3-compatible store.
+            self._client = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
         return self._client
 
     @property

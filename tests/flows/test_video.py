@@ -20,10 +20,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server", "klin
 
 
 def make_job(dest: str, extensions: int = 3, **generate: Any) -> VideoJob:
+    # Each test has its own emulator (its own Kling account) but the session shares one Prefect cache, so
+    # each job gets its own id, derived from its folder: a job's cached steps only mean something at the
+    # Kling account that made them.
+    job_id = "t-" + hashlib.sha256(dest.encode()).hexdigest()[:12]
     return VideoJob(
         generate=GenerationSpec(prompt="a red kite over green hills", **generate),
         extensions=[ExtensionSpec(prompt=f"the kite climbs, part {i}") for i in range(1, extensions + 1)],
-        dest=dest,
+        dest=dest, job_id=job_id,
     )
 
 
