@@ -6,6 +6,7 @@ Prefect reads its settings when first imported, so this runs before any test mod
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -13,9 +14,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -119,6 +123,47 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield endpoint
     finally:
         server.stop()
+
+
+class JsonReceiver:
+    """A local HTTP endpoint that records the JSON bodies POSTed to it (webhooks, callbacks)."""
+
+    def __init__(self) -> None:
+        received: list[dict[str, Any]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                return None
+
+        self.received = received
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.server.server_port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def json_receiver() -> Iterator[Callable[[], JsonReceiver]]:
+    """Makes JsonReceivers (usable from fixtures of any scope); all are closed when the session ends."""
+    made: list[JsonReceiver] = []
+
+    def make() -> JsonReceiver:
+        made.append(JsonReceiver())
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
 
 
 def has_chromium() -> bool:

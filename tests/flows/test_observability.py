@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -79,7 +77,8 @@ class Observed:
 
 
 @pytest.fixture(scope="module")
-def observed(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
+def observed(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory,
+             json_receiver: Callable[[], Any]) -> Iterator[Observed]:
     """Emulator + moto S3 (module-scoped twins of the function fixtures), one job, then its Cached rerun."""
     from moto.server import ThreadedMotoServer
 
@@ -106,19 +105,18 @@ def observed(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         runs = [_run(job) for _ in range(2)]
 
         # The documented automation, live: Kling fails the extension, the server calls our webhook.
-        calls, hook = _webhook_server()
-        automation_id = create_failure_webhook(f"http://127.0.0.1:{hook.server_port}/kling-failed",
-                                               name="obs-e2e-failed")
+        hook = json_receiver()
+        automation_id = create_failure_webhook(hook.url("/kling-failed"), name="obs-e2e-failed")
         emulator.set_faults({"rules": [{"match": "create:video-extend", "kind": "task_fail",
                                         "params": {"message": "refused by content policy"}}]})
         failing = job.model_copy(update={"job_id": FAILED_JOB_ID, "extensions": extensions[:1]})
         failed = _run(failing, expect_failure=True)
         try:
-            yield Observed(first=runs[0], rerun=runs[1], failed=failed, webhook_calls=calls, s3_endpoint=endpoint)
+            yield Observed(first=runs[0], rerun=runs[1], failed=failed, webhook_calls=hook.received,
+                           s3_endpoint=endpoint)
         finally:
             with get_client(sync_client=True) as client:
                 client.delete_automation(automation_id)
-            hook.shutdown()
             s3_server.stop()
 
 
@@ -134,23 +132,6 @@ def _run(job: VideoJob, expect_failure: bool = False) -> Run:
     flow_run_id = state.state_details.flow_run_id
     assert flow_run_id is not None
     return Run(flow_run_id=flow_run_id, job_id=job_id, uri=uri, manifest=json.loads(raw), manifest_raw=raw)
-
-
-def _webhook_server() -> tuple[list[dict[str, Any]], HTTPServer]:
-    calls: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            return None
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return calls, server
 
 
 # ---- reading back ----------------------------------------------------------------------------------------

@@ -61,6 +61,17 @@ def test_finished_task_shape(kling: Any) -> None:
     assert data["updated_at"] > data["created_at"]
 
 
+def test_watermark_info_is_echoed(kling: Any) -> None:
+    marked = kling.finished(watermark_info={"enabled": True})
+    assert marked["watermark_info"] == {"enabled": True}
+    assert marked["task_result"]["videos"][0]["watermark_url"].endswith(".mp4")
+    plain = kling.finished()
+    assert plain["watermark_info"] == {"enabled": False}
+    assert plain["task_result"]["videos"][0]["watermark_url"] == ""
+    refused = kling.post("text2video", {"prompt": "x", "watermark_info": {"enabled": "yes"}})
+    assert refused.json()["code"] == 1201 and "watermark_info" in refused.json()["message"]
+
+
 def test_task_info_is_empty_without_external_id(kling: Any) -> None:
     assert kling.create()["task_info"] == {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -93,4 +94,24 @@ def test_a_task_still_running_at_shutdown_finishes_after_the_restart(tools: Any,
     with start_emulator(config) as second:
         api = tools.Api(second)
         assert api.wait("text2video", task_id)["task_status"] == "succeed"
+        api.http.close()
+
+
+def test_a_task_not_yet_rendered_at_shutdown_is_rendered_after_the_restart(tools: Any, tmp_path: Path) -> None:
+    # Four 720p renders on two render threads: stopping right away cancels the queued ones mid-flight.
+    config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.004, state_dir=tmp_path,
+                            resolution="720p")
+    with start_emulator(config) as first:
+        api = tools.Api(first)
+        ids = [api.create()["task_id"] for _ in range(4)]
+        api.http.close()
+    records = json.loads((tmp_path / "tasks.json").read_text())
+    assert any(not r["rendered"] for r in records), "the test needs a render cut short by the stop"
+    with start_emulator(config) as second:
+        api = tools.Api(second)
+        for task_id in ids:
+            done = api.wait("text2video", task_id)
+            assert done["task_status"] == "succeed", done
+            seconds, _, _ = tools.decode(_fetch(done, tmp_path / f"{task_id}.mp4", tools))
+            assert abs(seconds - 5.0) <= 0.1
         api.http.close()

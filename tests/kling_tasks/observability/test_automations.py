@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
 from prefect import get_client
 
 from kling_tasks import events
@@ -18,30 +14,9 @@ from kling_tasks.jobs import PlannedStep
 from kling_tasks.observability.automations import create_failure_webhook
 
 
-@pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *_: Any) -> None:
-            return None
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/kling-failed", received
-    finally:
-        server.shutdown()
-
-
-def test_failed_kling_task_calls_the_webhook(prefect_server: Any,
-                                             webhook: tuple[str, list[dict[str, Any]]]) -> None:
-    url, received = webhook
+def test_failed_kling_task_calls_the_webhook(prefect_server: Any, json_receiver: Callable[[], Any]) -> None:
+    hook = json_receiver()
+    url, received = hook.url("/kling-failed"), hook.received
     automation_id = create_failure_webhook(url, name="test-kling-task-failed")
     with get_client(sync_client=True) as client:
         assert client.read_automation(automation_id) is not None
