@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 from kling_tasks.jobs import Plan, PlannedStep, VideoJob
 from kling_tasks.manifest import Manifest, StepRecord, final_key, save_manifest, step_key
 from kling_tasks.observability.artifacts import publisher_for_current_run
-from kling_tasks.observability.contact_sheet import store_contact_sheet
+from kling_tasks.observability.contact_sheet import contact_sheet_key, store_contact_sheet
 from kling_tasks.storage import Sink, StoredObject
 
 logger = logging.getLogger(__name__)
@@ -126,16 +126,21 @@ class JobRecorder:
         """Publish the last step's video as final.mp4 (a server-side copy, not a second download)."""
         last = self.plan.steps[-1]
         final = self.sink.head(final_key(self.plan.job_id))
-        if final is None or final.sha256 != self.manifest.steps[-1].sha256:
+        unchanged = final is not None and final.sha256 == self.manifest.steps[-1].sha256
+        if final is None or not unchanged:
             final = self.sink.copy(step_key(self.plan.job_id, last.index), final_key(self.plan.job_id))
         self.manifest.final_uri = final.uri
         self.manifest.status = "succeeded"
         self.save()
-        self._notify("finished", final, self._contact_sheet(final))
+        self._notify("finished", final, self._contact_sheet(final, reuse=unchanged))
         return final
 
-    def _contact_sheet(self, final: StoredObject) -> StoredObject | None:
+    def _contact_sheet(self, final: StoredObject, *, reuse: bool) -> StoredObject | None:
         """One frame per segment, next to the videos; a failure only costs the picture."""
+        if reuse:  # a rerun of a finished job: the sheet already shows this very final.mp4
+            existing = self.sink.head(contact_sheet_key(self.plan.job_id))
+            if existing is not None:
+                return existing
         durations = [record.duration or 0.0 for record in self.manifest.steps]
         try:
             sheet = store_contact_sheet(self.sink, self.plan.job_id, final.key, durations, final.size)

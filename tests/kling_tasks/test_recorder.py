@@ -11,6 +11,7 @@ import pytest
 
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
 from kling_tasks.manifest import Manifest, step_key
+from kling_tasks.observability.contact_sheet import contact_sheet_key
 from kling_tasks.recorder import JobRecorder
 from kling_tasks.storage import LocalSink, StoredObject
 
@@ -109,3 +110,16 @@ def test_a_rerun_keeps_finished_steps(tmp_path: Path) -> None:
     run_steps(again, sink, plan)  # the flow calls the recorder for Cached steps too
     assert observer.calls[0][2] == ["stored", "stored"]
     assert all(extra == ["stored", "stored"] for hook, _, extra in observer.calls if hook == "changed")
+
+
+def test_a_rerun_of_a_finished_job_reuses_its_contact_sheet(tmp_path: Path) -> None:
+    first, sink, plan = make(tmp_path, None)
+    run_steps(first, sink, plan)
+    first.finish()
+    sheet = sink.write_bytes(contact_sheet_key("kite"), b"the sheet of this final.mp4", "image/jpeg")
+    observer = FakeObserver()
+    again, sink, plan = make(tmp_path, observer, previous=first.manifest)
+    run_steps(again, sink, plan)
+    again.finish()
+    assert observer.calls[-1] == ("finished", "succeeded", ("kite/final.mp4", sheet))
+    assert (tmp_path / "kite" / "contact-sheet.jpg").read_bytes() == b"the sheet of this final.mp4"
