@@ -19,22 +19,53 @@ from kling_emulator.auth import check_bearer, check_kling_jwt
 from kling_emulator.engine import Engine, Task
 from kling_emulator.errors import ApiError, bad_param, envelope, error_response
 from kling_emulator.faults import STATUS_OF_CODE, Faults, Rule
+from kling_emulator.validation import validate_extension, validate_generation, watermark
 
 log = logging.getLogger(__name__)
 
 
-class DroppedConnection(Response):
-    """Starts an answer and then aborts: the client sees the connection die (httpx: a transport error)."""
+_CYCLE = "kling_emulator.cycle"  # scope key: uvicorn's per-request cycle, which owns the transport
 
-    def __init__(self, body: bytes = b'{"code":', total: int = 1000, content_type: str = "application/json"):
+
+class DroppedConnection(Response):
+    """Sends `partial` (if any) and then closes the connection: the client sees it die (httpx raises
+    RemoteProtocolError), with or without a status line.
+
+    Closing the transport ourselves, and waiting until uvicorn has seen the disconnect, keeps uvicorn from
+    answering 500 or logging an error for an injected fault. Without uvicorn's cycle (another server) it falls
+    back to starting a response and raising, which also kills the connection, only noisily.
+    """
+
+    def __init__(self, partial: bytes | None = None, total: int = 0, content_type: str = "application/json"):
         super().__init__()
-        self.partial, self.total, self.kind = body, total, content_type
+        self.partial, self.total, self.kind = partial, total, content_type
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(b"content-length", str(self.total).encode()), (b"content-type", self.kind.encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": self.partial, "more_body": True})
-        raise ConnectionAbortedError("kling-emulator: connection dropped on purpose (fault injection)")
+        cycle = scope.get(_CYCLE)
+        if self.partial is not None or cycle is None:
+            headers = [(b"content-length", str(max(self.total, 1000)).encode()),
+                       (b"content-type", self.kind.encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": self.partial or b"{", "more_body": True})
+        if cycle is None:
+            raise ConnectionAbortedError("kling-emulator: connection dropped on purpose (fault injection)")
+        cycle.transport.close()  # flushes what was sent, then FIN
+        for _ in range(200):
+            if getattr(cycle, "disconnected", True):
+                return
+            await asyncio.sleep(0.005)
+
+
+def _expose_cycle(app: Any) -> Any:
+    """Outermost ASGI layer: remember uvicorn's request cycle (the owner of its bound `send`)."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        owner = getattr(send, "__self__", None)
+        if scope["type"] == "http" and hasattr(owner, "transport"):
+            scope[_CYCLE] = owner
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 class Emulator:
@@ -102,12 +133,10 @@ class Emulator:
         return JSONResponse(envelope(task.to_api(self.base(request))))
 
     def _create(self, kind: str, body: dict[str, Any], rule: Rule | None) -> Task:
-        from kling_emulator.validation import validate_extension, validate_generation
-
         fail = str(rule.params.get("message", "Failure to pass the risk control system")) \
             if rule is not None and rule.kind == "task_fail" else None
         common = {"external_task_id": body.get("external_task_id"), "callback_url": body.get("callback_url"),
-                  "fail_message": fail}
+                  "fail_message": fail, "watermark": watermark(body)}
         if kind != "video-extend":
             spec = validate_generation(kind, body)
             frames = render.frames_for(float(spec["duration"]))
@@ -179,9 +208,11 @@ class Emulator:
             self.engine.stats.downloads[video_id] += 1
         if task is None or not task.rendered:
             return JSONResponse({"message": "not found"}, status_code=404)
+        if self.engine.expired(task):  # past --result-ttl: gone for good
+            return JSONResponse({"message": "URL expired"}, status_code=410)
         rule = self.faults.pick("download")
-        if task is not None and (self.engine.expired(task) or (rule is not None and rule.kind == "url_expired")):
-            return JSONResponse({"message": "URL expired"}, status_code=403)
+        if rule is not None and rule.kind == "url_expired":  # what an expired signed CDN link answers
+            return JSONResponse({"message": "URL expired"}, status_code=int(rule.params.get("status", 403)))
         early = await self.apply(rule)
         if early is not None:
             return early
@@ -223,6 +254,11 @@ async def _announce(emulator: Emulator, outbox: asyncio.Queue[Task], client: htt
             await client.post(snapshot.callback_url or "", json=snapshot.to_api(emulator.base_url), timeout=5)
         except httpx.HTTPError as exc:
             log.info("callback to %s failed: %s", snapshot.callback_url, exc)
+
+
+def asgi_app(emulator: Emulator) -> Any:
+    """What uvicorn serves: the FastAPI app behind the layer that lets faults drop connections quietly."""
+    return _expose_cycle(create_app(emulator))
 
 
 def create_app(emulator: Emulator) -> FastAPI:

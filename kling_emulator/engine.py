@@ -51,6 +51,7 @@ class Task:
     parent_duration: str | None = None
     callback_url: str | None = None
     rendered: bool = False
+    watermark: bool = False  # watermark_info.enabled as requested (the emulator does not draw a mark)
 
     @property
     def duration(self) -> str:
@@ -66,10 +67,11 @@ class Task:
         result: dict[str, Any] = {}
         if self.status == "succeed":
             url = f"{base_url}/_files/{self.video_id}.mp4"
-            result["videos"] = [{"id": self.video_id, "url": url, "watermark_url": url, "duration": self.duration}]
+            mark = url if self.watermark else ""
+            result["videos"] = [{"id": self.video_id, "url": url, "watermark_url": mark, "duration": self.duration}]
         return {
             "task_id": self.task_id, "task_status": self.status, "task_status_msg": self.status_msg,
-            "task_info": info, "task_result": result, "watermark_info": {"enabled": False},
+            "task_info": info, "task_result": result, "watermark_info": {"enabled": self.watermark},
             "final_unit_deduction": f"{self.price:g}" if self.status == "succeed" else "0",
             "created_at": self.created_at, "updated_at": self.updated_at,
         }
@@ -121,7 +123,7 @@ class Engine:
     # --- creation --------------------------------------------------------------------------------------------
     def create(self, kind: str, *, model: str, mode: str, aspect_ratio: str, frames: list[int], price: float,
                external_task_id: str | None, callback_url: str | None, fail_message: str | None,
-               parent: Task | None = None) -> Task:
+               parent: Task | None = None, watermark: bool = False) -> Task:
         with self.lock:
             if external_task_id is not None and any(
                 t.external_task_id == external_task_id for t in self.tasks.values()
@@ -139,6 +141,7 @@ class Engine:
                 expires_at=now + self.ttl, price=price, video_id=str(uuid.uuid4()), fail_message=fail_message,
                 parent_video_id=parent.video_id if parent else None,
                 parent_duration=parent.duration if parent else None, callback_url=callback_url,
+                watermark=watermark,
             )
             self.tasks[task.task_id] = task
             self.stats.concurrency_high_water = max(self.stats.concurrency_high_water, self.running())
@@ -227,9 +230,13 @@ class Engine:
             return
         for record in json.loads(self.state_file.read_text()):
             task = Task(**record)
-            if not task.rendered and task.fail_message is None and task.status in ACTIVE:
-                task.fail_message = "emulator restarted while rendering"
             self.tasks[task.task_id] = task
+        # A task whose file was not finished when the emulator stopped is rendered again (Kling's own tasks
+        # don't fail because a client restarted); its timing is absolute, so it keeps its place in time.
+        for task in self.tasks.values():
+            if task.status in ACTIVE and not task.rendered and task.fail_message is None:
+                parent = self.by_video(task.parent_video_id) if task.parent_video_id else None
+                self.renderer.submit(self._render, task, parent)
 
     def snapshot_stats(self) -> dict[str, Any]:
         with self.lock:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from kling_emulator.app import Emulator, create_app
+from kling_emulator.app import Emulator, asgi_app
 from kling_emulator.engine import Engine
 from kling_emulator.faults import Faults, load_profile
 
@@ -59,7 +59,7 @@ class EmulatorHandle:
     def __init__(self, config: EmulatorConfig):
         self.config = config
         self.emulator, self._scratch = build(config)
-        app = create_app(self.emulator)
+        app = asgi_app(self.emulator)
         self._server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                                      lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, name="kling-emulator", daemon=True)
@@ -114,7 +114,7 @@ def serve_forever(config: EmulatorConfig) -> None:
         emulator.base_url = f"http://{config.host}:{config.port}"
     # Otherwise (a wildcard host, or port 0) result URLs follow each request's own Host header.
     try:
-        uvicorn.run(create_app(emulator), host=config.host, port=config.port, log_level="info")
+        uvicorn.run(asgi_app(emulator), host=config.host, port=config.port, log_level="info")
     finally:
         emulator.engine.renderer.shutdown(wait=False, cancel_futures=True)
         if scratch is not None:

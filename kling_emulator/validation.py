@@ -31,6 +31,16 @@ def _cfg_scale(body: dict[str, Any]) -> None:
         raise bad_param("cfg_scale must be a number in [0, 1]")
 
 
+def watermark(body: dict[str, Any]) -> bool:
+    """`watermark_info: {"enabled": bool}` (newer docs); absent means no watermark."""
+    info = body.get("watermark_info")
+    if info is None:
+        return False
+    if not isinstance(info, dict) or not isinstance(info.get("enabled", False), bool):
+        raise bad_param("watermark_info must be {\"enabled\": true|false}")
+    return bool(info.get("enabled", False))
+
+
 def _optional_string(body: dict[str, Any], field: str) -> None:
     if body.get(field) is not None and not isinstance(body[field], str):
         raise bad_param(f"{field} must be a string")
