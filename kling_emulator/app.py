@@ -18,7 +18,7 @@ from kling_emulator import catalog, render
 from kling_emulator.auth import check_bearer, check_kling_jwt
 from kling_emulator.engine import Engine, Task
 from kling_emulator.errors import ApiError, bad_param, envelope, error_response
-from kling_emulator.faults import STATUS_OF_CODE, Faults, Rule
+from kling_emulator.faults import MESSAGE_OF_CODE, STATUS_OF_CODE, Faults, Rule
 from kling_emulator.validation import validate_extension, validate_generation, watermark
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,10 @@ class Emulator:
         elif rule.kind == "http_error":
             code = int(rule.params.get("code", 5000))
             status = int(rule.params.get("status", STATUS_OF_CODE.get(code, 500)))
-            return error_response(ApiError(status, code, str(rule.params.get("message", "injected fault"))))
+            message = rule.params.get("message", MESSAGE_OF_CODE.get(code, "injected fault"))
+            return error_response(ApiError(status, code, str(message)))
         elif rule.kind == "pack_exhausted":
-            return error_response(ApiError(429, 1102, "resource pack exhausted"))
+            return error_response(ApiError(429, 1102, MESSAGE_OF_CODE[1102]))
         return None
 
     # --- create ----------------------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ def serve(
     """Serve the emulated Kling API until interrupted."""
     if provider not in ("kling", "cometapi"):
         raise typer.BadParameter("provider must be kling or cometapi")
+    if resolution not in ("small", "720p"):
+        raise typer.BadParameter("resolution must be small or 720p")
     serve_forever(EmulatorConfig(
         provider=provider, access_key=access_key, secret_key=secret_key, api_key=api_key, time_scale=time_scale,
         concurrency=concurrency, faults=load_profile(faults) if faults else None, state_dir=state_dir,

@@ -36,6 +36,10 @@ KINDS = {
 STATUS_OF_CODE = {1000: 401, 1001: 401, 1002: 401, 1003: 401, 1004: 401, 1100: 429, 1101: 429, 1102: 429,
                   1103: 403, 1200: 400, 1201: 400, 1202: 404, 1203: 404, 1300: 400, 1301: 400, 1302: 429,
                   1303: 429, 1304: 429, 5000: 500, 5001: 503, 5002: 504}
+# Default texts for injected errors (reference §11), so a client logs what Kling would have said.
+MESSAGE_OF_CODE = {1102: "resource pack used up or expired", 1302: "requests too fast, please slow down",
+                   1303: "parallel task over resource pack limit", 5000: "internal server error",
+                   5001: "service temporarily unavailable", 5002: "server internal timeout"}
 EVENT_KINDS = ("text2video", "image2video", "video-extend", "*")
 APPLIES_TO = {
     "create": {"http_error", "pack_exhausted", "drop_before", "drop_after_commit", "slow", "task_fail"},

@@ -160,7 +160,9 @@ def test_sequence_and_times(kling: Any) -> None:
     path = f"/v1/videos/text2video/{task_id}"
     assert [kling.get(path).status_code for _ in range(5)] == [504, 200, 504, 200, 200]
     rules(kling, {"match": "create:*", "kind": "http_error", "times": 2, "params": {"code": 1303}})
-    assert [kling.post("text2video", {"prompt": "x"}).status_code for _ in range(3)] == [429, 429, 200]
+    answers = [kling.post("text2video", {"prompt": "x"}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [429, 429, 200]
+    assert answers[0].json()["message"] == "parallel task over resource pack limit", "Kling's own text by default"
 
 
 def test_rules_apply_in_order_and_are_cleared(kling: Any) -> None:
