@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import boto3
 import httpx
@@ -38,6 +38,9 @@ MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
 PART_SIZE = MIN_PART_SIZE  # smallest legal part = least memory held; 10 000 parts still allow ~48 GiB
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+T = TypeVar("T")
 
 
 class S3Sink:
@@ -111,15 +114,21 @@ class S3Sink:
         with contextlib.suppress(BotoCoreError, ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=probe)
 
-    def head(self, key: str) -> StoredObject | None:
+    def _read(self, fetch: Callable[[], T]) -> T | None:
+        """Run a read; None when the object is missing, DestinationError for any other failure."""
         try:
-            resp = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
+            return fetch()
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
                 return None
             raise self._error(exc, "read") from None
         except BotoCoreError as exc:
             raise self._error(exc, "read") from None
+
+    def head(self, key: str) -> StoredObject | None:
+        resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
+        if resp is None:
+            return None
         sha = resp.get("Metadata", {}).get("sha256")
         if not sha:  # not ours, or a crash between completing a multipart upload and tagging it
             return None
@@ -162,15 +171,7 @@ class S3Sink:
         return self._obj(key, len(data), sha)
 
     def read_bytes(self, key: str) -> bytes | None:
-        try:
-            resp = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
-            return resp["Body"].read()
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
-                return None
-            raise self._error(exc, "read") from None
-        except BotoCoreError as exc:
-            raise self._error(exc, "read") from None
+        return self._read(lambda: self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read())
 
     def copy(self, src_key: str, dst_key: str) -> StoredObject:
         """Server-side copy keeping metadata (sha256 included); no-op if dst already has the same bytes."""
