@@ -120,7 +120,7 @@ class VideoJob(BaseModel):
 
     def spec_digest(self) -> str:
         """Digest of what is generated (not where it is stored): the same plan gives the same ids."""
-        spec = self.model_dump(include={"generate", "extensions"}, mode="json")
+        spec = self.model_dump(include={"generate", "extensions"}, mode="json", exclude_defaults=True)
         spec["generate"]["image"] = image_fingerprint(self.generate.image)
         return _digest(spec)
 
@@ -221,7 +221,10 @@ def plan_job(job: VideoJob, attempts: dict[int, int] | None = None) -> Plan:
     job_id = job.effective_job_id()
     gen = job.generate
     total = len(job.extensions)
-    chain = _digest({"image": image_fingerprint(gen.image), **gen.model_dump(exclude={"image"}, mode="json")})
+    # Digests cover only values that differ from the defaults, so adding an optional field in a later release
+    # leaves every existing id alone (a changed id would make in-flight jobs pay again after an upgrade).
+    chain = _digest({"image": image_fingerprint(gen.image),
+                     **gen.model_dump(exclude={"image"}, mode="json", exclude_defaults=True)})
     steps: list[PlannedStep] = []
 
     def add(index: int, kind: StepKind, name: str, spec: dict[str, object], credits: float,
@@ -237,7 +240,7 @@ def plan_job(job: VideoJob, attempts: dict[int, int] | None = None) -> Plan:
     add(0, gen.kind, "generate", {}, generation_credits(gen.model_name, gen.mode, gen.duration),
         gen.prompt, gen.negative_prompt, gen.cfg_scale)
     for i, ext in enumerate(job.extensions, start=1):
-        add(i, "video-extend", f"extend-{i}-of-{total}", ext.model_dump(mode="json"),
+        add(i, "video-extend", f"extend-{i}-of-{total}", ext.model_dump(mode="json", exclude_defaults=True),
             extension_credits(gen.model_name, gen.mode), ext.prompt, ext.negative_prompt, ext.cfg_scale)
     return Plan(job_id=job_id, model_name=gen.model_name, mode=gen.mode, steps=tuple(steps))
 

@@ -110,3 +110,21 @@ def test_a_dated_job_id_gives_a_new_job_per_day_and_the_same_within_one() -> Non
     assert monday.effective_job_id() == "teaser-20261123"
     assert plan_job(monday).steps[0].external_task_id != plan_job(tuesday).steps[0].external_task_id
     assert nightly.for_date(date(2026, 11, 23)) == monday
+
+
+def test_ids_are_pinned_so_an_upgrade_never_re_pays_in_flight_jobs() -> None:
+    """Golden values: if this fails, the change would give running jobs new ids and pay for their steps again.
+    Change the derivation only deliberately, together with the cache version in kling_tasks.steps."""
+    spec = VideoJob(generate=GenerationSpec(prompt="a fox in the snow"), job_id="golden",
+                    extensions=[ExtensionSpec(prompt="it runs"), ExtensionSpec(prompt="it sleeps", cfg_scale=0.3)])
+    assert [s.external_task_id for s in plan_job(spec).steps] == [
+        "golden-s0-290aa94e89e3", "golden-s1-9d8c41386512", "golden-s2-13731d289a94"]
+    assert VideoJob(generate=GenerationSpec(prompt="a fox in the snow")).effective_job_id() == "job-151f3ae2a470"
+
+
+def test_spelling_out_a_default_is_the_same_plan() -> None:
+    implicit = VideoJob(generate=GenerationSpec(prompt="a fox"), extensions=[ExtensionSpec(prompt="runs")])
+    explicit = VideoJob(generate=GenerationSpec(prompt="a fox", model_name="kling-v1", mode="std", duration="5"),
+                        extensions=[ExtensionSpec(prompt="runs", negative_prompt=None)])
+    assert explicit.effective_job_id() == implicit.effective_job_id()
+    assert plan_job(explicit) == plan_job(implicit)
