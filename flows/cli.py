@@ -20,7 +20,7 @@ from rich.table import Table
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
 from kling_tasks.manifest import load_manifest
 from kling_tasks.settings import KlingSettings
-from kling_tasks.storage import open_sink
+from kling_tasks.storage import DestinationError, open_sink
 
 app = typer.Typer(help="Long AI videos from the Kling API as resumable Prefect flows.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -79,7 +79,7 @@ def execute(job: VideoJob, resubmit_failed: bool) -> str:
     from flows.video import KlingStepFailed, produce_video
     from kling_tasks.api import KlingError
     from kling_tasks.preflight import prepare
-    from kling_tasks.storage import DestinationError, DownloadError
+    from kling_tasks.storage import DownloadError
 
     try:
         plan = prepare(job, KlingSettings(), resubmit_failed=resubmit_failed).plan
@@ -132,7 +132,10 @@ def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Imag
 @app.command()
 def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-output") -> None:
     """Show a job's manifest: every step's status, ids, credits and where it is stored."""
-    manifest = load_manifest(open_sink(dest), job_id)
+    try:
+        manifest = load_manifest(open_sink(dest), job_id)
+    except DestinationError as exc:
+        fail(str(exc), 2)
     if manifest is None:
         fail(f"no manifest for job {job_id!r} under {dest}")
     table = Table(title=f"job {job_id}: {manifest.status}")

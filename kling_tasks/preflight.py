@@ -41,8 +41,8 @@ def prepare(job: VideoJob, settings: KlingSettings, *, resubmit_failed: bool = F
     missing = settings.missing_credentials()
     if missing:
         raise PlanError(f"no Kling credentials for provider {settings.provider!r}: set {', '.join(missing)}")
-    sink = open_sink(job.dest)
     try:
+        sink = open_sink(job.dest)
         sink.check_reachable()
     except DestinationError as exc:
         raise PlanError(f"destination {job.dest!r} is not usable: {exc}") from exc

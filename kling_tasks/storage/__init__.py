@@ -41,8 +41,8 @@ def open_sink(dest: str) -> Sink:
     if dest.startswith("s3://"):
         bucket, _, prefix = dest.removeprefix("s3://").partition("/")
         if not bucket:
-            raise ValueError(f"invalid S3 destination {dest!r}: expected s3://bucket[/prefix]")
+            raise DestinationError(f"invalid S3 destination {dest!r}: expected s3://bucket[/prefix]")
         return S3Sink(bucket, prefix)
     if "://" in dest:
-        raise ValueError(f"unsupported destination {dest!r}: use s3://bucket/prefix or a folder path")
+        raise DestinationError(f"unsupported destination {dest!r}: use s3://bucket/prefix or a folder path")
     return LocalSink(dest)

@@ -70,3 +70,15 @@ def test_run_prints_the_uri_last_and_status_reads_the_manifest(kling_env: dict[s
     assert status.exit_code == 0, status.output
     assert "extend-1-of-1" in status.stdout and "stored" in status.stdout
     assert status.stdout.strip().splitlines()[-1] == str(final.resolve())
+
+
+
+@pytest.mark.parametrize("command", [["run", "--prompt", "a quiet lake"], ["status", "lake"]])
+def test_an_unusable_destination_is_one_clear_line(command: list[str], kling_env: dict[str, str],
+                                                   emulator: Any) -> None:
+    result = run_cli(*command, "--dest", "gs://bucket/x")
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: ")
+    assert line.endswith("unsupported destination 'gs://bucket/x': use s3://bucket/prefix or a folder path")
+    assert emulator.stats()["requests"] == {}

@@ -326,5 +326,5 @@ def test_open_sink(tmp_path: Path) -> None:
     assert isinstance(local, LocalSink) and not (tmp_path / "new").exists()  # created on demand only
     local.check_reachable()
     assert (tmp_path / "new" / "dir").is_dir()
-    with pytest.raises(ValueError):
+    with pytest.raises(DestinationError, match="unsupported destination 'gs://bucket/x'"):
         open_sink("gs://bucket/x")
