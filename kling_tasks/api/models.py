@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kling_tasks.api.catalog import I2V_MODELS, IMAGE_SUFFIXES, MAX_IMAGE_BYTES, PROMPT_MAX, T2V_MODELS
 from kling_tasks.api.errors import InvalidRequestError
 from kling_tasks.settings import Provider
 
@@ -34,23 +35,6 @@ __all__ = [
 
 TaskKind = Literal["text2video", "image2video", "video-extend"]
 TaskStatus = Literal["submitted", "processing", "succeed", "failed"]
-
-# Reference §5.1 / §5.2 (current official enums).
-T2V_MODELS = frozenset(
-    {
-        "kling-v1",
-        "kling-v1-6",
-        "kling-v2-master",
-        "kling-v2-1-master",
-        "kling-v2-5-turbo",
-        "kling-v2-6",
-        "kling-v3",
-    }
-)
-I2V_MODELS = T2V_MODELS | {"kling-v1-5", "kling-v2-1"}
-MAX_IMAGE_BYTES = 10 * 1024 * 1024
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-PROMPT_MAX = 2500
 
 
 def _duration_as_str(value: Any) -> Any:
