@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
+from kling_tasks.kling_requests import check_requests
 from kling_tasks.manifest import load_manifest
-from kling_tasks.settings import KlingSettings
+from kling_tasks.settings import KlingSettings, SettingsError, load_settings
 from kling_tasks.storage import DestinationError, open_sink
 
 app = typer.Typer(help="Long AI videos from the Kling API as resumable Prefect flows.", no_args_is_help=True,
@@ -38,6 +39,15 @@ Cfg = Annotated[float | None, typer.Option("--cfg-scale", help="0..1")]
 Dest = Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local folder")]
 JobId = Annotated[str | None, typer.Option("--job-id")]
 MaxCredits = Annotated[float | None, typer.Option("--max-credits")]
+Take = Annotated[int, typer.Option("--take", help="2, 3, ...: pay for a deliberate new take of the same spec.")]
+Replace = Annotated[bool, typer.Option("--replace", help="The job folder holds another job: set its manifest "
+                                                         "aside (manifest.replaced-*.json) and start over there.")]
+Adopt = Annotated[list[str] | None, typer.Option(
+    "--adopt", metavar="EXTERNAL_ID=TASK_ID",
+    help="A create whose outcome was unknown did make this task (you found it in the provider's console).")]
+AssumeNotCreated = Annotated[list[str] | None, typer.Option(
+    "--assume-not-created", metavar="EXTERNAL_ID",
+    help="A create whose outcome was unknown made nothing (checked in the console): pay for it again.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -57,14 +67,14 @@ def describe(exc: ValidationError) -> str:
 
 def build_job(prompt: str, negative_prompt: str | None, image: str | None, extend: list[str] | None,
               model: str, mode: str, duration: str, aspect_ratio: str, cfg_scale: float | None, dest: str,
-              job_id: str | None, max_credits: float | None) -> VideoJob:
+              job_id: str | None, max_credits: float | None, take: int = 1) -> VideoJob:
     try:
         job = VideoJob(
             generate=GenerationSpec(prompt=prompt, negative_prompt=negative_prompt, image=image,
                                     model_name=model, mode=mode, duration=duration,
                                     aspect_ratio=aspect_ratio, cfg_scale=cfg_scale),
             extensions=[ExtensionSpec(prompt=text) for text in extend or []],
-            dest=dest, job_id=job_id, max_credits=max_credits,
+            dest=dest, job_id=job_id, max_credits=max_credits, take=take,
         )
         return job.for_date(datetime.now(UTC).date())
     except ValidationError as exc:
@@ -73,22 +83,41 @@ def build_job(prompt: str, negative_prompt: str | None, image: str | None, exten
         fail(str(exc), 2)
 
 
-def execute(job: VideoJob, resubmit_failed: bool) -> str:
+def settings_or_exit() -> KlingSettings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        fail(str(exc), 2)
+
+
+def parse_adopt(pairs: list[str] | None) -> dict[str, str]:
+    adopt: dict[str, str] = {}
+    for pair in pairs or []:
+        ext, sep, task_id = pair.partition("=")
+        if not sep or not ext.strip() or not task_id.strip():
+            fail(f"--adopt {pair!r}: expected EXTERNAL_ID=TASK_ID", 2)
+        adopt[ext.strip()] = task_id.strip()
+    return adopt
+
+
+def execute(job: VideoJob, resubmit_failed: bool, replace: bool = False, adopt: dict[str, str] | None = None,
+            assume_not_created: list[str] | None = None) -> str:
     """Validate everything that can be checked locally, then run the flow with a live view."""
     from flows.live import LiveProgress
     from flows.video import KlingStepFailed, produce_video
     from kling_tasks.api import KlingError
     from kling_tasks.preflight import prepare
-    from kling_tasks.storage import DownloadError
+    from kling_tasks.storage import StorageError
 
     try:
-        plan = prepare(job, KlingSettings(), resubmit_failed=resubmit_failed).plan
+        plan = prepare(job, settings_or_exit(), resubmit_failed=resubmit_failed, replace=replace).plan
     except PlanError as exc:
         fail(str(exc), 2)
     try:
         with LiveProgress(plan, err):
-            return asyncio.run(produce_video(job=job, resubmit_failed=resubmit_failed))
-    except (KlingStepFailed, KlingError, DownloadError, DestinationError, PlanError) as exc:
+            return asyncio.run(produce_video(job=job, resubmit_failed=resubmit_failed, replace=replace,
+                                             adopt=adopt, assume_not_created=assume_not_created))
+    except (KlingStepFailed, KlingError, StorageError, PlanError, SettingsError) as exc:
         fail(str(exc))
 
 
@@ -96,14 +125,15 @@ def execute(job: VideoJob, resubmit_failed: bool) -> str:
 def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None, extend: Extend = None,
         model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5", aspect_ratio: Aspect = "16:9",
         cfg_scale: Cfg = None, dest: Dest = "./kling-output", job_id: JobId = None,
-        max_credits: MaxCredits = None,
+        max_credits: MaxCredits = None, take: Take = 1, replace: Replace = False,
         resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed",
                                                       help="Pay for a new attempt of a failed step.")] = False,
+        adopt: Adopt = None, assume_not_created: AssumeNotCreated = None,
         ) -> None:
     """Generate, extend and store a video; prints the final video's URI last."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits)
-    uri = execute(job, resubmit_failed)
+                    dest, job_id, max_credits, take)
+    uri = execute(job, resubmit_failed, replace, parse_adopt(adopt), assume_not_created)
     print(uri)
 
 
@@ -111,11 +141,15 @@ def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = N
 def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None,
              extend: Extend = None, model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5",
              aspect_ratio: Aspect = "16:9", cfg_scale: Cfg = None, dest: Dest = "./kling-output",
-             job_id: JobId = None, max_credits: MaxCredits = None) -> None:
+             job_id: JobId = None, max_credits: MaxCredits = None, take: Take = 1) -> None:
     """Validate and price the plan; submits nothing."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits)
+                    dest, job_id, max_credits, take)
     plan = plan_job(job)
+    try:
+        check_requests(job, plan, settings_or_exit().provider)
+    except PlanError as exc:
+        fail(str(exc), 2)
     table = Table(title=f"job {plan.job_id}: {plan.model_name} {plan.mode}")
     for column in ("step", "name", "external_task_id", "credits"):
         table.add_column(column, no_wrap=True)

@@ -50,9 +50,9 @@ class LiveProgress:
         row.status = notice.stage
         row.since = row.since or time.monotonic()
         row.until = time.monotonic() if notice.stage == "stored" else None
-        if "task_id" in notice.detail:
+        if notice.detail.get("task_id"):
             row.info = f"task {notice.detail['task_id']}" + (" (adopted)" if notice.detail.get("adopted") else "")
-        if "uri" in notice.detail:
+        if notice.detail.get("uri"):
             row.info = notice.detail["uri"]
         self.live.update(self._render())
 

@@ -8,7 +8,6 @@ re-attaches to tasks still in flight.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
-from typing import Any
 
 from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
@@ -16,10 +15,10 @@ from prefect.runtime import flow_run
 from kling_tasks.api import TaskFailedError
 from kling_tasks.jobs import VideoJob
 from kling_tasks.preflight import prepare
-from kling_tasks.progress import Notice, publish
-from kling_tasks.recorder import JobRecorder
-from kling_tasks.settings import KlingSettings
-from kling_tasks.steps import store_step, submit_step, wait_step
+from kling_tasks.recorder import JobRecorder, default_observers
+from kling_tasks.settings import load_settings
+from kling_tasks.step_results import Rendered
+from kling_tasks.steps import store_proven, submit_step, wait_step
 
 
 class KlingStepFailed(RuntimeError):
@@ -40,38 +39,49 @@ def job_run_name() -> str:
 
 
 @flow(name="produce-video", flow_run_name=job_run_name)
-async def produce_video(job: VideoJob, resubmit_failed: bool = False) -> str:
-    """Produce one long video and return the URI of final.mp4."""
+async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: bool = False,
+                        adopt: dict[str, str] | None = None, assume_not_created: list[str] | None = None) -> str:
+    """Produce one long video and return the URI of final.mp4.
+
+    `replace`: the job folder may hold another job; set its manifest aside and start over there.
+    `adopt` (external_task_id -> task_id) and `assume_not_created` (external_task_ids) settle a create whose
+    outcome could not be proven (AmbiguousSubmitError), after checking the provider's console.
+    """
     logger = get_run_logger()
     job = job.for_date(run_date())
-    settings = KlingSettings()
-    prepared = prepare(job, settings, resubmit_failed=resubmit_failed)
-    plan = prepared.plan
+    settings = load_settings()
+    prepared = prepare(job, settings, resubmit_failed=resubmit_failed, replace=replace)
+    plan, account = prepared.plan, prepared.account
+    adopt, assumed = adopt or {}, set(assume_not_created or [])
     logger.info(
-        "job %s: %d step(s) with %s %s, estimated %g credits, storing under %s",
-        plan.job_id, len(plan.steps), plan.model_name, plan.mode, plan.estimated_credits, job.dest,
+        "job %s: %d step(s) with %s %s, estimated %g credits, storing under %s (account %s)",
+        plan.job_id, len(plan.steps), plan.model_name, plan.mode, plan.estimated_credits, job.dest, account,
     )
-    recorder = JobRecorder(prepared.sink, job, plan, settings.provider, prepared.previous)
-    parent: dict[str, Any] | None = None
-    with tags(f"provider:{settings.provider}", f"model:{plan.model_name}", f"job:{plan.job_id}"):
+    run_tags = (f"provider:{settings.provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
+    ledger = JobRecorder(prepared.sink, job, plan, settings.provider, prepared.previous, account=account,
+                         replaced=prepared.replaced, observers=default_observers(prepared.sink, plan, run_tags))
+    parent: Rendered | None = None
+    with ledger, tags(*run_tags):
         for step in plan.steps:
-            publish(Notice(plan.job_id, step.index, step.name, "planned", {"total": len(plan.steps)}))
-            submission = await submit_step(plan.job_id, step, job.generate, parent)
-            recorder.submitted(step, submission)
+            ext = step.external_task_id
+            submission = await submit_step(plan.job_id, step, job.generate, parent, account,
+                                           may_exist=ledger.may_exist(step), adopt_task_id=adopt.get(ext),
+                                           assume_not_created=ext in assumed)
+            ledger.submitted(step, submission)
             try:
-                summary = await wait_step(plan.job_id, step, step.kind, submission["task_id"])
+                rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
             except TaskFailedError as exc:
                 message = exc.snapshot.task_status_msg or "no reason given"
-                recorder.failed(step, message)
+                ledger.failed(step, message)
                 raise KlingStepFailed(
-                    f"Kling task {submission['task_id']} ({step.name}) failed: {message}. "
+                    f"Kling task {submission.task_id} ({step.name}) failed: {message}. "
                     "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
                 ) from exc
-            recorder.finished(step, summary)
-            stored = await store_step(plan.job_id, step, step.kind, submission["task_id"], job.dest)
-            recorder.stored(step, stored)
-            parent = summary
-    final = recorder.finish()
+            ledger.succeeded(step, rendered)
+            stored = await store_proven(plan.job_id, step, step.kind, submission.task_id, job.dest, account,
+                                        ledger.proven_sha256(step, submission.task_id))
+            ledger.stored(step, stored)
+            parent = rendered
+        final = ledger.finish()
     logger.info("final video: %s (%d bytes, sha256 %s)", final.uri, final.size, final.sha256)
-    publish(Notice(plan.job_id, len(plan.steps) - 1, "final", "done", {"uri": final.uri}))
     return final.uri

@@ -9,11 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 from .storage import Sink
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: account fingerprint, per-step attempt and content digest, `submitting` intents
 _SECRET_WORDS = ("key", "secret", "token", "password")
 
 StepKind = Literal["text2video", "image2video", "video-extend"]
-StepStatus = Literal["pending", "submitted", "processing", "succeed", "failed", "stored"]
+# `submitting`: the write-ahead intent, recorded before a create POST whose answer has not been seen yet.
+StepStatus = Literal["pending", "submitting", "submitted", "processing", "succeed", "failed", "stored"]
 JobStatus = Literal["pending", "running", "succeeded", "failed"]
 
 
@@ -31,6 +32,11 @@ def step_key(job_id: str, index: int) -> str:
 
 def final_key(job_id: str) -> str:
     return f"{job_id}/final.mp4"
+
+
+def replaced_manifest_key(job_id: str, stamp: datetime) -> str:
+    """Where `--replace` keeps the manifest it replaces: `manifest.replaced-20261201T194200Z.json`."""
+    return f"{job_id}/manifest.replaced-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
 
 
 def strip_secrets(value: Any) -> Any:
@@ -52,6 +58,8 @@ class StepRecord(BaseModel):
     name: str
     kind: StepKind
     external_task_id: str
+    attempt: int = Field(default=0, ge=0)  # bumped by --resubmit-failed; part of the external id's chain
+    content_digest: str | None = None  # the step's own spec (kling_tasks.identity): "same job?" on a rerun
     task_id: str | None = None
     video_id: str | None = None
     status: StepStatus = "pending"
@@ -74,6 +82,7 @@ class Manifest(BaseModel):
     schema_version: int = SCHEMA_VERSION
     job_id: str
     provider: str
+    account: str | None = None  # kling_tasks.identity.account_fingerprint: whose money these steps are
     spec: dict[str, Any] = Field(default_factory=dict)
     estimated_credits: float | None = None
     steps: list[StepRecord] = Field(default_factory=list)

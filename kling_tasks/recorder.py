@@ -1,21 +1,35 @@
-"""Keeps the job's manifest.json at the destination up to date: rewritten after every step.
+"""The job's ledger (DESIGN §4): manifest.json at the destination, every step transition written once.
 
-It is also the one hook every step passes through (Cached ones too), so it drives the observability:
-the Prefect artifacts of the run and the contact sheet. Those are best effort: a failure logs a warning.
+The intent before each create POST (`submitting`), the task id after it, Kling's status while it renders,
+the video after the wait, the stored object after the store. Each transition that changes the ledger is
+written, then fanned out to the observers (Prefect artifacts, Prefect events, the CLI's live view); a
+transition a rerun replays from the cache changes nothing, so it is neither rewritten nor announced again.
+
+Tasks find the ledger of their job with `active(job_id)`: the flow opens it around the steps.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, Protocol
 
 from prefect.logging import get_run_logger
 
 from kling_tasks.jobs import Plan, PlannedStep, VideoJob
-from kling_tasks.manifest import Manifest, StepRecord, final_key, save_manifest, step_key
-from kling_tasks.observability.artifacts import publisher_for_current_run
+from kling_tasks.manifest import (
+    Manifest,
+    StepRecord,
+    final_key,
+    manifest_key,
+    replaced_manifest_key,
+    save_manifest,
+    step_key,
+)
 from kling_tasks.observability.contact_sheet import contact_sheet_key, store_contact_sheet
+from kling_tasks.step_results import Rendered, Submission
 from kling_tasks.storage import Sink, StoredObject
 
 logger = logging.getLogger(__name__)
@@ -25,19 +39,25 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class JobObserver(Protocol):
-    """Told about every manifest change (kling_tasks.observability.artifacts.ArtifactPublisher in a run)."""
+@dataclass(frozen=True)
+class Transition:
+    """One change of one step: `stage` is submitting | submitted | status | succeeded | failed | stored."""
+
+    stage: str
+    record: StepRecord
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class LedgerObserver(Protocol):
+    """Told about the ledger: the whole of it at the start, each transition, and how the job ended."""
 
     def started(self, manifest: Manifest) -> None: ...
 
-    def changed(self, manifest: Manifest) -> None: ...
+    def changed(self, manifest: Manifest, transition: Transition) -> None: ...
 
     def failed(self, manifest: Manifest) -> None: ...
 
     def finished(self, manifest: Manifest, final: StoredObject, sheet: StoredObject | None) -> None: ...
-
-
-_IN_CURRENT_RUN: Any = object()  # default observer: the current flow run's artifacts, if there is a run
 
 
 def _log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
@@ -52,75 +72,151 @@ def _warn(what: str, exc: Exception) -> None:
     _log().warning("%s failed (the step is not affected): %s: %s", what, type(exc).__name__, exc)
 
 
+_ACTIVE: dict[str, JobRecorder] = {}
+
+
+def active(job_id: str) -> JobRecorder | None:
+    """The ledger the flow opened for `job_id` in this process, if any (tasks run in the flow's process)."""
+    return _ACTIVE.get(job_id)
+
+
+def default_observers(sink: Sink, plan: Plan, run_tags: tuple[str, ...]) -> list[LedgerObserver]:
+    """Artifacts of the current flow run (if there is one), Prefect events, the in-process progress feed."""
+    from kling_tasks.events import EventEmitter
+    from kling_tasks.observability.artifacts import publisher_for_current_run
+    from kling_tasks.progress import ProgressFeed
+
+    observers: list[LedgerObserver] = [EventEmitter(plan.job_id), ProgressFeed(plan.job_id)]
+    publisher = publisher_for_current_run(sink, plan.job_id, run_tags)
+    if publisher is not None:
+        observers.insert(0, publisher)
+    return observers
+
+
 class JobRecorder:
-    def __init__(self, sink: Sink, job: VideoJob, plan: Plan, provider: str, previous: Manifest | None,
-                 observer: JobObserver | None = _IN_CURRENT_RUN):
+    def __init__(self, sink: Sink, job: VideoJob, plan: Plan, provider: str, previous: Manifest | None, *,
+                 account: str | None = None, replaced: Manifest | None = None,
+                 observers: list[LedgerObserver] | None = None):
         self.sink = sink
         self.plan = plan
-        if observer is _IN_CURRENT_RUN:
-            run_tags = (f"provider:{provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
-            observer = publisher_for_current_run(sink, plan.job_id, run_tags)
-        self.observer: JobObserver | None = observer
+        self.observers = observers if observers is not None else []
+        if replaced is not None:
+            self._set_aside(replaced)
         kept = {record.external_task_id: record for record in (previous.steps if previous else [])}
         steps = [
             kept.get(step.external_task_id)
-            or StepRecord(index=step.index, name=step.name, kind=step.kind,
-                          external_task_id=step.external_task_id, task_id=None, video_id=None,
-                          status="pending", status_msg=None, duration=None, credits=None,
-                          queued_seconds=None, processing_seconds=None, uri=None, size=None,
-                          sha256=None, request_id=None, updated_at=None)
+            or StepRecord(index=step.index, name=step.name, kind=step.kind, external_task_id=step.external_task_id,
+                          attempt=step.attempt, content_digest=step.content_digest)
             for step in plan.steps
         ]
         now = _now()
         self.manifest = Manifest(
-            job_id=plan.job_id, provider=provider, spec=job.public_spec(),
+            job_id=plan.job_id, provider=provider, account=account, spec=job.public_spec(),
             estimated_credits=plan.estimated_credits, steps=steps, status="running", final_uri=None,
             created_at=previous.created_at if previous else now, updated_at=now,
         )
         self.save()
         self._notify("started")
 
+    # ---- the ledger as a context: tasks of this job find it with active(job_id) ---------------------------
+
+    def __enter__(self) -> JobRecorder:
+        _ACTIVE[self.plan.job_id] = self
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if _ACTIVE.get(self.plan.job_id) is self:
+            del _ACTIVE[self.plan.job_id]
+
+    def _set_aside(self, replaced: Manifest) -> None:
+        """--replace: keep the other job's manifest next to the new one, byte for byte."""
+        old = self.sink.read_bytes(manifest_key(self.plan.job_id))
+        if old is not None:
+            key = replaced_manifest_key(self.plan.job_id, datetime.now(UTC))
+            self.sink.write_bytes(key, old, "application/json")
+            _log().warning("job folder held another job (%s steps); its manifest is kept as %s",
+                           len(replaced.steps), key)
+
     def _notify(self, hook: str, *args: Any) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, hook)(self.manifest, *args)
-        except Exception as exc:  # observability must never fail (and so re-pay) a step
-            _warn(f"publishing the job's {hook} state", exc)
+        for observer in self.observers:
+            try:
+                getattr(observer, hook)(self.manifest, *args)
+            except Exception as exc:  # observability must never fail (and so re-pay) a step
+                _warn(f"publishing the job's {hook} state ({type(observer).__name__})", exc)
 
     def save(self) -> None:
         self.manifest.updated_at = _now()
         save_manifest(self.sink, self.manifest)
 
-    def _update(self, step: PlannedStep, **fields: Any) -> None:
-        record = self.manifest.steps[step.index]
+    def record(self, step: PlannedStep) -> StepRecord:
+        return self.manifest.steps[step.index]
+
+    def _transition(self, step: PlannedStep, stage: str, detail: dict[str, Any] | None = None,
+                    **fields: Any) -> None:
+        """Apply `fields` to the step's record; only a real change is written and announced."""
+        record = self.record(step)
+        if all(getattr(record, name) == value for name, value in fields.items()):
+            return
         for name, value in fields.items():
             setattr(record, name, value)
         record.updated_at = _now()
         self.save()
-        if fields.get("status") != "failed":  # failed() publishes its own, fuller picture
-            self._notify("changed")
+        self._notify("changed", Transition(stage, record.model_copy(), detail or {}))
 
-    def submitted(self, step: PlannedStep, submission: dict[str, Any]) -> None:
-        record = self.manifest.steps[step.index]
-        status = record.status if record.status in ("succeed", "stored") else "submitted"
-        self._update(step, task_id=submission["task_id"], request_id=submission["request_id"], status=status)
+    # ---- what the tasks need to know from the ledger -------------------------------------------------------
 
-    def finished(self, step: PlannedStep, summary: dict[str, Any]) -> None:
-        record = self.manifest.steps[step.index]
-        self._update(
-            step, status="stored" if record.status == "stored" else "succeed", status_msg=None,
-            video_id=summary["video_id"], duration=summary["duration"], credits=summary["credits"],
-            queued_seconds=summary["queued_seconds"], processing_seconds=summary["processing_seconds"],
+    def may_exist(self, step: PlannedStep) -> bool:
+        """An earlier run recorded the intent to create this step and never saw the answer."""
+        record = self.record(step)
+        return record.status == "submitting" and record.task_id is None
+
+    def proven_sha256(self, step: PlannedStep, task_id: str) -> str | None:
+        """The sha256 the ledger recorded for this very task's stored video (proof for a local file)."""
+        record = self.record(step)
+        return record.sha256 if record.task_id == task_id and record.status == "stored" else None
+
+    # ---- transitions ---------------------------------------------------------------------------------------
+
+    def submitting(self, step: PlannedStep) -> None:
+        """Written before the create POST: a crash before its answer leaves this intent for the rerun."""
+        if self.record(step).task_id is None:
+            self._transition(step, "submitting", status="submitting")
+
+    def submitted(self, step: PlannedStep, submission: Submission) -> None:
+        record = self.record(step)
+        later = record.status in ("processing", "succeed", "stored") and record.task_id == submission.task_id
+        self._transition(step, "submitted", {"adopted": submission.adopted, "status": submission.status},
+                         task_id=submission.task_id, request_id=record.request_id or submission.request_id,
+                         status=record.status if later else "submitted")
+
+    def status(self, step: PlannedStep, word: str) -> None:
+        """Kling's status while the task renders; words we don't know are shown but not written as status."""
+        record = self.record(step)
+        if record.status in ("succeed", "stored"):
+            return
+        if word == "processing":
+            self._transition(step, "status", {"status": word}, status="processing")
+        else:
+            self._notify("changed", Transition("status", record.model_copy(), {"status": word}))
+
+    def succeeded(self, step: PlannedStep, rendered: Rendered) -> None:
+        record = self.record(step)
+        self._transition(
+            step, "succeeded", status="stored" if record.status == "stored" else "succeed", status_msg=None,
+            task_id=rendered.task_id, video_id=rendered.video_id, duration=rendered.duration,
+            credits=rendered.credits, queued_seconds=rendered.queued_seconds,
+            processing_seconds=rendered.processing_seconds,
         )
 
     def failed(self, step: PlannedStep, message: str) -> None:
         self.manifest.status = "failed"
-        self._update(step, status="failed", status_msg=message)
+        self._transition(step, "failed", status="failed", status_msg=message)
+        self.save()
         self._notify("failed")
 
-    def stored(self, step: PlannedStep, stored: dict[str, Any]) -> None:
-        self._update(step, status="stored", uri=stored["uri"], size=stored["size"], sha256=stored["sha256"])
+    def stored(self, step: PlannedStep, stored: StoredObject) -> None:
+        self._transition(step, "stored", status="stored", uri=stored.uri, size=stored.size, sha256=stored.sha256)
 
     def finish(self) -> StoredObject:
         """Publish the last step's video as final.mp4 (a server-side copy, not a second download)."""

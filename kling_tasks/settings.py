@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Provider = Literal["kling", "cometapi"]
@@ -40,6 +40,8 @@ class KlingSettings(BaseSettings):
     # Deadline for time spent *processing*; time queued in `submitted` counts against queue_timeout_seconds.
     wait_timeout_seconds: float = Field(1800.0, gt=0, validation_alias="KLING_WAIT_TIMEOUT_SECONDS")
     queue_timeout_seconds: float = Field(3600.0, gt=0, validation_alias="KLING_QUEUE_TIMEOUT_SECONDS")
+    # How long a create refused with 1302/1303 (back-pressure: nothing was created) keeps waiting for room.
+    backpressure_timeout_seconds: float = Field(900.0, gt=0, validation_alias="KLING_BACKPRESSURE_TIMEOUT_SECONDS")
     connect_timeout: float = Field(10.0, gt=0, validation_alias="KLING_CONNECT_TIMEOUT")
     read_timeout: float = Field(60.0, gt=0, validation_alias="KLING_READ_TIMEOUT")
 
@@ -78,3 +80,22 @@ class KlingSettings(BaseSettings):
         if missing(self.secret_key):
             names.append("KLING_SECRET_KEY")
         return names
+
+
+class SettingsError(ValueError):
+    """A bad environment value: one line naming the variable and what it accepts."""
+
+
+def load_settings(**overrides: Any) -> KlingSettings:
+    """KlingSettings from the environment, or SettingsError (never a pydantic traceback)."""
+    try:
+        return KlingSettings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            given = error.get("input")
+            shown = f"={given!r}" if error["loc"] and isinstance(given, str) and "KEY" not in name else ""
+            problems.append(f"{name}{shown}: {message}")
+        raise SettingsError("bad configuration: " + "; ".join(problems)) from None

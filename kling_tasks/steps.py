@@ -1,14 +1,19 @@
-"""The Prefect tasks of one step: submit (idempotent POST), wait (poll), store (stream to the sink).
+"""The Prefect tasks of one step: submit (idempotent create), wait (poll), store (stream to the sink).
 
-Caching (DESIGN §2.4): explicit, versioned keys made of ids only, persisted as JSON, never Prefect's default
-policy (it contains the run id) and never prompt text. POST and poll are separate tasks, so a retry of the
-wait never re-runs a POST, and the submit body is the exactly-once protocol of the client.
+Caching (DESIGN §2.5): explicit, versioned keys made of Kling ids and the account (kling_tasks.identity),
+persisted as JSON, never Prefect's default policy (it contains the run id), never prompt text. POST and poll
+are separate tasks, so nothing but the exactly-once submit ever sends a create.
+
+Retries (DESIGN §3): one layer per failure kind. The client retries GETs and never-sent POSTs; back-pressure
+(1302/1303: nothing was created) waits here, against a deadline in minutes; only the store is retried by
+Prefect (a cut download, an S3 5xx); everything else fails the step with Kling's code.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import random
+import time
 from typing import Any
 
 from prefect import task
@@ -16,115 +21,103 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from kling_tasks import events
-from kling_tasks.api import (
-    Image2VideoRequest,
-    KlingClient,
-    TaskKind,
-    TaskSnapshot,
-    Text2VideoRequest,
-    VideoExtendRequest,
-)
+from kling_tasks import identity, recorder
+from kling_tasks.api import BackPressureError, KlingClient, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
+from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import step_key
-from kling_tasks.progress import Notice, publish
-from kling_tasks.settings import KlingSettings
-from kling_tasks.storage import open_sink
+from kling_tasks.settings import KlingSettings, load_settings
+from kling_tasks.step_results import Rendered, Submission
+from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
 
-CACHE_VERSION = "v1"  # bump deliberately: a new version re-runs (and may re-pay) every step
+BACKPRESSURE_MAX_DELAY = 30.0
 
 
 def submit_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"kling/{CACHE_VERSION}/submit/{parameters['step'].external_task_id}"
+    return identity.submit_key(parameters["account"], parameters["step"].external_task_id)
 
 
 def wait_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"kling/{CACHE_VERSION}/wait/{parameters['task_id']}"
+    return identity.wait_key(parameters["account"], parameters["task_id"])
 
 
 def store_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
-    return f"kling/{CACHE_VERSION}/store/{parameters['task_id']}/{destination_digest(parameters['dest'])}"
+    resolved = open_sink(parameters["dest"]).dest  # an absolute folder, or s3://bucket/prefix
+    key = step_key(parameters["job_id"], parameters["step"].index)
+    return identity.store_key(parameters["account"], parameters["task_id"], resolved, key)
 
 
-def destination_digest(dest: str) -> str:
-    return hashlib.sha256(dest.rstrip("/").encode()).hexdigest()[:16]
+async def retry_if_storage_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a store only for failures that may pass: a cut download, a 5xx, S3 unreachable.
 
-
-async def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only failures that may pass (back-pressure, 5xx, network, cut-off downloads).
-
+    Kling errors inside the store (the fresh-URL GET) were already retried by the client: not again here.
     Async on purpose: in an async task `state.result()` returns a coroutine and would hide the exception.
     """
     try:
         await state.aresult()
-    except Exception as exc:
-        return bool(getattr(exc, "retryable", False))
+    except StorageError as exc:
+        return exc.retryable
+    except Exception:
+        return False
     return False
 
 
 _PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
-_TRANSIENT_RETRIES: dict[str, Any] = {
-    "retries": 5,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-    "retry_jitter_factor": 0.5,
-    "retry_condition_fn": retry_if_transient,
-}
 
 
-def build_request(
-    step: PlannedStep, generation: GenerationSpec, parent: dict[str, Any] | None
-) -> Text2VideoRequest | Image2VideoRequest | VideoExtendRequest:
-    if step.kind == "video-extend":
-        assert parent is not None, "an extension needs its parent's result"
-        return VideoExtendRequest(
-            video_id=parent["video_id"],
-            parent_task_id=parent["task_id"],
-            prompt=step.prompt,
-            negative_prompt=step.negative_prompt,
-            cfg_scale=step.cfg_scale,
-        )
-    common: dict[str, Any] = {
-        "model_name": generation.model_name,
-        "prompt": generation.prompt,
-        "negative_prompt": generation.negative_prompt,
-        "cfg_scale": generation.cfg_scale,
-        "mode": generation.mode,
-        "duration": generation.duration,
-    }
-    if step.kind == "image2video":
-        assert generation.image is not None
-        return Image2VideoRequest.from_source(generation.image, **common)
-    return Text2VideoRequest(aspect_ratio=generation.aspect_ratio, **common)
+def _ledger(job_id: str) -> recorder.JobRecorder | None:
+    return recorder.active(job_id)
 
 
-@task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED,
-      **_TRANSIENT_RETRIES)
+@task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED)
 async def submit_step(
-    job_id: str, step: PlannedStep, generation: GenerationSpec, parent: dict[str, Any] | None
-) -> dict[str, Any]:
+    job_id: str, step: PlannedStep, generation: GenerationSpec, parent: Rendered | None, account: str, *,
+    may_exist: bool = False, adopt_task_id: str | None = None, assume_not_created: bool = False,
+) -> Submission:
     """Create the Kling task for this step, or adopt the one that already carries its external id."""
     logger = get_run_logger()
+    settings = load_settings()
     request = build_request(step, generation, parent)
-    async with KlingClient(KlingSettings()) as client:
-        result = await client.submit(request, step.external_task_id)
+    ledger = _ledger(job_id)
+
+    async def before_post() -> None:  # the write-ahead intent: a crash after the POST leaves it for the rerun
+        if ledger is not None:
+            await asyncio.to_thread(ledger.submitting, step)
+
+    deadline = time.monotonic() + settings.backpressure_timeout_seconds
+    refusals = 0
+    async with KlingClient(settings) as client:
+        if parent is not None and parent.external_task_id:
+            client.remember(parent.kind, parent.external_task_id, parent.task_id)  # a known task: a lookup control
+        while True:
+            try:
+                result = await client.submit(request, step.external_task_id, may_exist=may_exist,
+                                             before_post=before_post, adopt_task_id=adopt_task_id,
+                                             assume_not_created=assume_not_created)
+                break
+            except BackPressureError as exc:
+                delay = min(BACKPRESSURE_MAX_DELAY, 2.0**refusals) * random.uniform(1.0, 1.25)
+                if time.monotonic() + delay > deadline:
+                    raise
+                refusals += 1
+                logger.warning("Kling refused the create of %s for now (%s); nothing was created, trying again "
+                               "in %.0f s", step.external_task_id, exc, delay)
+                await asyncio.sleep(delay)
     snap = result.snapshot
-    how = "adopted existing" if result.adopted else "created"
     logger.info(
         "%s Kling %s task %s (external_task_id=%s, request_id=%s, status=%s)",
-        how, step.kind, snap.task_id, step.external_task_id, snap.request_id, snap.task_status,
+        "adopted existing" if result.adopted else "created", step.kind, snap.task_id, step.external_task_id,
+        snap.request_id, snap.task_status,
     )
-    events.task_submitted(job_id, step, snap, adopted=result.adopted)
-    publish(Notice(job_id, step.index, step.name, "submitted", {"task_id": snap.task_id,
-                                                              "adopted": result.adopted}))
-    return {"task_id": snap.task_id, "adopted": result.adopted, "request_id": snap.request_id,
-            "external_task_id": step.external_task_id}
+    return Submission(task_id=snap.task_id, external_task_id=step.external_task_id, adopted=result.adopted,
+                      request_id=snap.request_id, status=snap.task_status)
 
 
-@task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED,
-      **_TRANSIENT_RETRIES)
-async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str) -> dict[str, Any]:
+@task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
+async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str) -> Rendered:
     """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result."""
     logger = get_run_logger()
+    ledger = _ledger(job_id)
     processing_since: list[int] = []
 
     async def on_update(snap: TaskSnapshot) -> None:
@@ -134,67 +127,85 @@ async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str
             "Kling task %s status: %s (external_task_id=%s, request_id=%s)",
             snap.task_id, snap.task_status, snap.external_task_id, snap.request_id,
         )
-        publish(Notice(job_id, step.index, step.name, snap.task_status, {"task_id": snap.task_id}))
+        if ledger is not None and not snap.is_terminal:
+            await asyncio.to_thread(ledger.status, step, snap.task_status)
 
-    try:
-        async with KlingClient(KlingSettings()) as client:
-            final = await client.wait(kind, task_id, on_update=on_update)
-    except Exception as exc:
-        snapshot = getattr(exc, "snapshot", None)
-        if snapshot is not None and snapshot.task_status == "failed":
-            events.task_failed(job_id, step, snapshot)
-        raise
-    summary = summarize(final, processing_since[0] if processing_since else None)
+    async with KlingClient(load_settings()) as client:
+        final = await client.wait(kind, task_id, on_update=on_update)
+    rendered = summarize(kind, final, processing_since[0] if processing_since else None)
     logger.info(
         "Kling task %s succeeded: video %s, %.3f s, %s credits, queued %.1f s, processing %.1f s",
-        task_id, summary["video_id"], summary["duration"], summary["credits"],
-        summary["queued_seconds"], summary["processing_seconds"],
+        task_id, rendered.video_id, rendered.duration, rendered.credits, rendered.queued_seconds,
+        rendered.processing_seconds,
     )
-    events.task_succeeded(job_id, step, final, summary)
-    return summary
+    return rendered
 
 
-def summarize(final: TaskSnapshot, processing_since_ms: int | None) -> dict[str, Any]:
+def summarize(kind: TaskKind, final: TaskSnapshot, processing_since_ms: int | None) -> Rendered:
     video = final.video
     assert video is not None, "a succeeded Kling task always carries a video"
     started = processing_since_ms or final.created_at
-    return {
-        "task_id": final.task_id,
-        "external_task_id": final.external_task_id,
-        "status": final.task_status,
-        "video_id": video.id,
-        "url": video.url,
-        "duration": video.duration,
-        "credits": final.credits,
-        "request_id": final.request_id,
-        "queued_seconds": max(0.0, (started - final.created_at) / 1000),
-        "processing_seconds": max(0.0, (final.updated_at - started) / 1000),
-    }
+    return Rendered(
+        kind=kind, task_id=final.task_id, external_task_id=final.external_task_id, video_id=video.id,
+        url=video.url, duration=video.duration, credits=final.credits, request_id=final.request_id,
+        queued_seconds=max(0.0, (started - final.created_at) / 1000),
+        processing_seconds=max(0.0, (final.updated_at - started) / 1000),
+    )
+
+
+def is_this_tasks(obj: StoredObject | None, task_id: str, proven_sha256: str | None) -> bool:
+    """DESIGN §2.4: an object at a step's key is this step's only if it carries this task's id (S3 metadata)
+    or the ledger recorded this task with the object's sha256 (a local folder keeps no metadata)."""
+    if obj is None:
+        return False
+    if obj.task_id is not None:
+        return obj.task_id == task_id
+    return proven_sha256 is not None and obj.sha256 == proven_sha256
 
 
 @task(name="store", task_run_name="store-{step.label}", cache_key_fn=store_cache_key, **_PERSISTED,
-      **_TRANSIENT_RETRIES)
-async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str) -> dict[str, Any]:
-    """Stream the step's video into the sink; idempotent (HEAD first), verified, never half-written."""
+      retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_if_storage_transient)
+async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
+                     proven_sha256: str | None = None) -> StoredObject:
+    """Stream the step's video into the sink, unless this very task's video is already there."""
     logger = get_run_logger()
-    settings = KlingSettings()
+    settings = load_settings()
     sink = open_sink(dest)
     key = step_key(job_id, step.index)
-    stored = await asyncio.to_thread(sink.head, key)
-    if stored is None:
-        # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
-        async with KlingClient(settings) as client:
-            snap = await client.get(kind, task_id)
-        video = snap.video
-        assert video is not None, f"Kling task {task_id} has no video to store"
-        metadata = {"job_id": job_id, "task_id": task_id, "step": str(step.index),
-                    "external_task_id": step.external_task_id}
-        stored = await asyncio.to_thread(
-            sink.store_from_url, video.url, key, metadata=metadata, allow_private=settings.allow_private_urls
-        )
-        logger.info("stored %s (%d bytes, sha256 %s)", stored.uri, stored.size, stored.sha256)
-    else:
-        logger.info("already stored at %s (sha256 %s)", stored.uri, stored.sha256)
-    events.video_stored(job_id, step, task_id, stored)
-    publish(Notice(job_id, step.index, step.name, "stored", {"uri": stored.uri}))
-    return stored.model_dump(mode="json")
+    existing = await asyncio.to_thread(sink.head, key)
+    if is_this_tasks(existing, task_id, proven_sha256):
+        assert existing is not None
+        logger.info("already stored at %s (sha256 %s)", existing.uri, existing.sha256)
+        return existing
+    if existing is not None:
+        logger.warning("%s holds a video of another task; replacing it with task %s's", existing.uri, task_id)
+    stored = await _download(settings, sink, kind, task_id, key, job_id, step)
+    logger.info("stored %s (%d bytes, sha256 %s)", stored.uri, stored.size, stored.sha256)
+    return stored
+
+
+async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id: str, key: str, job_id: str,
+                    step: PlannedStep) -> StoredObject:
+    # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
+    async with KlingClient(settings) as client:
+        snap = await client.get(kind, task_id)
+    if snap.video is None:
+        raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
+    metadata = {"job_id": job_id, "task_id": task_id, "step": str(step.index),
+                "external_task_id": step.external_task_id}
+    return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
+                                   allow_private=settings.allow_private_urls)
+
+
+async def store_proven(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
+                       proven_sha256: str | None) -> StoredObject:
+    """The store task, and a check of what a Cached store claims: an object since deleted or overwritten by
+    another task is stored again (the cache says what was stored, not what is there now)."""
+    stored = await store_step(job_id, step, kind, task_id, dest, account, proven_sha256)
+    current = await asyncio.to_thread(open_sink(dest).head, stored.key)
+    if current is not None and current.sha256 == stored.sha256 and current.task_id in (None, task_id):
+        return stored
+    get_run_logger().warning("the cached store of %s is gone or changed at %s; storing it again",
+                             step.label, stored.uri)
+    return await store_step.with_options(refresh_cache=True)(job_id, step, kind, task_id, dest, account, None)

@@ -1,4 +1,4 @@
-"""Prefect artifacts of a job, kept up to date by the JobRecorder after every step.
+"""Prefect artifacts of a job: an observer of the job's ledger (kling_tasks.recorder), updated on every change.
 
 Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and version per job):
   {job_id}-progress  progress bar, created once per run and updated in place as steps move
@@ -7,7 +7,7 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
   {job_id}-summary   markdown: contact sheet, total length, credits, wall time, manifest location
 
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
-The recorder is called for Cached steps too, so a rerun publishes the same picture from cached results.
+A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
 The sync client is used on purpose: the recorder is synchronous, and Prefect's artifact helpers would hand
 back un-awaited coroutines when called from the async flow.
 """
@@ -37,7 +37,7 @@ from kling_tasks.storage import Sink, StoredObject
 logger = logging.getLogger(__name__)
 
 INLINE_IMAGE_MAX_BYTES = 256 * 1024  # a local sheet up to this size is embedded as a data: URI
-_STAGE_WEIGHT = {"pending": 0, "submitted": 1, "processing": 1, "succeed": 2, "failed": 2, "stored": 3}
+_STAGE_WEIGHT = {"pending": 0, "submitting": 0, "submitted": 1, "processing": 1, "succeed": 2, "failed": 2, "stored": 3}
 _KEY_JUNK = re.compile(r"[^a-z0-9-]+")
 
 
@@ -193,7 +193,9 @@ class ArtifactPublisher:
                 client.update_flow_run(self.flow_run_id, tags=sorted({*current, *self.run_tags}))
         self.changed(manifest)
 
-    def changed(self, manifest: Manifest) -> None:
+    def changed(self, manifest: Manifest, transition: object = None) -> None:
+        """Any ledger change: the progress bar and the table show the whole ledger, so the transition
+        itself is not needed."""
         with self._best_effort("the progress artifact"):
             self._publish_progress(manifest)
         with self._best_effort("the steps table"):

@@ -20,8 +20,11 @@ def test_external_ids_are_deterministic_short_and_safe() -> None:
     first, again = plan_job(job("runs", "jumps")), plan_job(job("runs", "jumps"))
     assert [s.external_task_id for s in first.steps] == [s.external_task_id for s in again.steps]
     for step in first.steps:
+        assert re.fullmatch(r"kp-s[0-9]+-[0-9a-f]{16}", step.external_task_id), "derived jobs share the kp namespace"
+    named = plan_job(job("runs").model_copy(update={"job_id": "x" * 40}))
+    for step in named.steps:
         assert re.fullmatch(r"[A-Za-z0-9-]{1,64}", step.external_task_id)
-        assert step.external_task_id.startswith(f"{first.job_id}-s{step.index}-")
+        assert step.external_task_id.startswith(f"{'x' * 40}-s{step.index}-")
     assert [s.name for s in first.steps] == ["generate", "extend-1-of-2", "extend-2-of-2"]
 
 
@@ -43,8 +46,55 @@ def test_resubmitting_a_step_gives_it_and_later_steps_new_ids() -> None:
     base = plan_job(job("a", "b")).steps
     bumped = plan_job(job("a", "b"), attempts={1: 1}).steps
     assert bumped[0] == base[0]
-    assert "-s1-r1-" in bumped[1].external_task_id
+    assert bumped[1].external_task_id != base[1].external_task_id and bumped[1].attempt == 1
     assert bumped[2].external_task_id != base[2].external_task_id
+    assert [s.content_digest for s in bumped] == [s.content_digest for s in base], "the same spec, a new attempt"
+
+
+@pytest.mark.parametrize("job_id", [None, "kite"])
+def test_appending_an_extension_keeps_every_earlier_id(job_id: str | None) -> None:
+    """The same content on the same account is the same task: only the new step is paid for."""
+    shorter = plan_job(job("runs").model_copy(update={"job_id": job_id})).steps
+    longer = plan_job(job("runs", "jumps").model_copy(update={"job_id": job_id})).steps
+    assert [s.external_task_id for s in longer[:2]] == [s.external_task_id for s in shorter]
+    assert longer[2].external_task_id not in {s.external_task_id for s in shorter}
+
+
+def test_a_job_id_is_a_namespace() -> None:
+    ids = {plan_job(job("runs").model_copy(update={"job_id": name})).steps[0].external_task_id
+           for name in (None, "teaser-20261121", "teaser-20261122")}
+    assert len(ids) == 3
+
+
+def test_a_take_is_a_deliberate_second_video_of_the_same_spec() -> None:
+    first, second = plan_job(job("runs")), plan_job(job("runs").model_copy(update={"take": 2}))
+    assert all(a.external_task_id != b.external_task_id for a, b in zip(first.steps, second.steps, strict=True))
+    assert first.job_id != second.job_id, "a derived job id names the take too"
+    assert plan_job(job("runs").model_copy(update={"take": 1})) == first
+
+
+@pytest.mark.parametrize(("duration", "extensions", "accepted"),
+                         [("5", 35, True), ("5", 36, False), ("10", 34, True), ("10", 35, False)])
+def test_the_180_s_cap_is_inclusive(duration: str, extensions: int, accepted: bool) -> None:
+    """5 + 35 x 5 = 180 s exactly is allowed; one more worst-case extension is not."""
+    spec = {"generate": {"prompt": "a fox", "duration": duration}, "extensions": [{"prompt": "more"}] * extensions}
+    if accepted:
+        assert len(plan_job(VideoJob.model_validate(spec)).steps) == extensions + 1
+    else:
+        with pytest.raises(ValidationError, match="over Kling's 180 s cap"):
+            VideoJob.model_validate(spec)
+
+
+def test_an_oversized_or_unreadable_image_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + b"0" * (10 * 1024 * 1024))
+    with pytest.raises(ValidationError, match="Kling accepts at most 10 MB"):
+        job(image=str(big))
+    with pytest.raises(ValidationError, match="does not exist"):
+        job(image=str(tmp_path / "missing.png"))
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ValidationError, match="folder.png"):
+        job(image=str(tmp_path / "folder.png"))
 
 
 def test_default_job_id_ignores_destination_and_budget() -> None:
@@ -114,12 +164,12 @@ def test_a_dated_job_id_gives_a_new_job_per_day_and_the_same_within_one() -> Non
 
 def test_ids_are_pinned_so_an_upgrade_never_re_pays_in_flight_jobs() -> None:
     """Golden values: if this fails, the change would give running jobs new ids and pay for their steps again.
-    Change the derivation only deliberately, together with the cache version in kling_tasks.steps."""
+    Change the derivation only deliberately, together with the cache version in kling_tasks.identity."""
     spec = VideoJob(generate=GenerationSpec(prompt="a fox in the snow"), job_id="golden",
                     extensions=[ExtensionSpec(prompt="it runs"), ExtensionSpec(prompt="it sleeps", cfg_scale=0.3)])
-    assert [s.external_task_id for s in plan_job(spec).steps] == [
-        "golden-s0-290aa94e89e3", "golden-s1-9d8c41386512", "golden-s2-13731d289a94"]
-    assert VideoJob(generate=GenerationSpec(prompt="a fox in the snow")).effective_job_id() == "job-151f3ae2a470"
+    assert [s.external_task_id for s in plan_job(spec).steps] == GOLDEN_IDS
+    derived = VideoJob(generate=GenerationSpec(prompt="a fox in the snow"))
+    assert (derived.effective_job_id(), plan_job(derived).steps[0].external_task_id) == GOLDEN_DERIVED
 
 
 def test_spelling_out_a_default_is_the_same_plan() -> None:
@@ -128,3 +178,7 @@ def test_spelling_out_a_default_is_the_same_plan() -> None:
                         extensions=[ExtensionSpec(prompt="runs", negative_prompt=None)])
     assert explicit.effective_job_id() == implicit.effective_job_id()
     assert plan_job(explicit) == plan_job(implicit)
+
+
+GOLDEN_IDS = ["golden-s0-47e82793e5168df3", "golden-s1-e89732222906964e", "golden-s2-7fb666224e4cd89b"]
+GOLDEN_DERIVED = ("job-ffefdfc24263", "kp-s0-47e82793e5168df3")
