@@ -1,6 +1,6 @@
 """A ready-made automation: call a webhook whenever a Kling task ends `failed` (docs/observability.md).
 
-It reacts to the `kling.task.failed` events emitted by the wait task (kling_tasks.events), so it works for
+It reacts to the `kling.task.failed` events emitted from the job's ledger (kling_tasks.events), so it works for
 every job and deployment without touching the flow. The webhook receives a small JSON body naming the job,
 the Kling task and the flow run; point it at Slack, a pager or your own service.
 """

@@ -92,3 +92,22 @@ def test_repr_and_str_hide_secrets() -> None:
     for text in (repr(s), str(s), str(s.model_dump()), s.model_dump_json()):
         for secret in ("AK-plain-secret", "SK-plain-secret", "comet-plain-secret"):
             assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("KLING_PROVIDER", "Kling", "KLING_PROVIDER='Kling': Input should be 'kling' or 'cometapi'"),
+        ("KLING_MAX_CONCURRENCY", "0", "KLING_MAX_CONCURRENCY='0': Input should be greater than or equal to 1"),
+        ("KLING_POLL_MIN_SECONDS", "soon", "KLING_POLL_MIN_SECONDS='soon'"),
+        ("KLING_EXTERNAL_ID_LOOKUP", "maybe", "'auto', 'query', 'path' or 'off'"),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str,
+                                                     says: str) -> None:
+    from kling_tasks.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert says in str(refused.value) and "\n" not in str(refused.value)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 from prefect import get_client
 
 from kling_tasks import events
-from kling_tasks.jobs import PlannedStep
+from kling_tasks.manifest import StepRecord
 from kling_tasks.observability.automations import create_failure_webhook
 
 
@@ -20,10 +19,9 @@ def test_failed_kling_task_calls_the_webhook(prefect_server: Any, json_receiver:
     automation_id = create_failure_webhook(url, name="test-kling-task-failed")
     with get_client(sync_client=True) as client:
         assert client.read_automation(automation_id) is not None
-    step = PlannedStep(index=1, kind="video-extend", name="extend-1-of-2", external_task_id="auto-job-s1-abc",
-                       estimated_credits=1, prompt="p", negative_prompt=None, cfg_scale=None, attempt=0)
-    snapshot = SimpleNamespace(task_id="kt-123", task_status_msg='refused: "unsafe" prompt')
-    events.task_failed("auto-job", step, snapshot)  # type: ignore[arg-type]  # only these fields are read
+    record = StepRecord(index=1, kind="video-extend", name="extend-1-of-2", external_task_id="auto-job-s1-abc",
+                        task_id="kt-123", status="failed", status_msg='refused: "unsafe" prompt')
+    events.emit_step_event("kling.task.failed", "auto-job", record, {"task_status_msg": record.status_msg})
 
     deadline = time.monotonic() + 30  # the triggers service evaluates, then the actions service calls out
     mine: list[dict[str, Any]] = []
