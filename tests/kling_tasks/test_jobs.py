@@ -93,7 +93,7 @@ def test_an_oversized_or_unreadable_image_is_refused_before_anything_is_sent(tmp
     with pytest.raises(ValidationError, match="does not exist"):
         job(image=str(tmp_path / "missing.png"))
     (tmp_path / "folder.png").mkdir()
-    with pytest.raises(ValidationError, match="folder.png"):
+    with pytest.raises(ValidationError, match=r"folder\.png"):
         job(image=str(tmp_path / "folder.png"))
 
 

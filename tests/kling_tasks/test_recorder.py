@@ -127,7 +127,7 @@ def test_outside_a_flow_run_there_is_no_artifact_publisher(tmp_path: Path) -> No
 
 
 def test_tasks_find_the_ledger_of_their_job_while_it_is_open(tmp_path: Path) -> None:
-    recorder, _, plan = make(tmp_path, None)
+    recorder, _, _ = make(tmp_path, None)
     assert active("kite") is None
     with recorder:
         assert active("kite") is recorder
