@@ -20,6 +20,7 @@ from kling_tasks.settings import Provider
 
 __all__ = [
     "I2V_MODELS",
+    "KNOWN_STATUSES",
     "MAX_IMAGE_BYTES",
     "T2V_MODELS",
     "Image2VideoRequest",
@@ -35,6 +36,9 @@ __all__ = [
 
 TaskKind = Literal["text2video", "image2video", "video-extend"]
 TaskStatus = Literal["submitted", "processing", "succeed", "failed"]
+# The four words of reference §3.2. A provider may say others ("queueing", "running"): a snapshot keeps any
+# non-empty word, and the poller reads an unknown one as "still in progress", never as garbage or an end.
+KNOWN_STATUSES: frozenset[str] = frozenset(("submitted", "processing", "succeed", "failed"))
 
 
 def _duration_as_str(value: Any) -> Any:
@@ -184,7 +188,7 @@ class TaskSnapshot(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
     task_id: str = Field(min_length=1)
-    task_status: TaskStatus
+    task_status: str = Field(min_length=1)  # normalized (strip + lower); see KNOWN_STATUSES
     task_status_msg: str = ""
     external_task_id: str | None = None
     parent_video: ParentVideo | None = None
@@ -231,4 +235,10 @@ class TaskSnapshot(BaseModel):
 
     @property
     def is_terminal(self) -> bool:
+        """``succeed`` or ``failed``: only these two words end a task; an unknown word never does."""
         return self.task_status in ("succeed", "failed")
+
+    @property
+    def is_known_status(self) -> bool:
+        """One of Kling's four documented words (``TaskStatus``); False for a word a provider made up."""
+        return self.task_status in KNOWN_STATUSES

@@ -11,8 +11,12 @@ detects them 4–6 s late for about the same number (see bench/README.md for the
 ``max``/``growth`` (KLING_POLL_MAX_SECONDS, ``PollPolicy.growth``) to trade polls for quicker detection.
 
 Deadlines. Time in ``submitted`` (queued for an account slot) counts only against ``queue_timeout``; time
-from the first non-``submitted`` observation counts against ``processing_timeout``. Transient poll errors
+from the first ``processing`` observation counts against ``processing_timeout``. Transient poll errors
 (retryable ones, after the client's own GET retries) are logged and polling continues until a deadline.
+
+Unknown status words (a provider's ``queueing``, ``running``...) mean "in progress": only ``succeed`` and
+``failed`` end a wait. Such a word is logged once per (task, word) at WARNING; before any ``processing`` was
+seen it counts as queued (like ``submitted``), after it as processing.
 """
 
 from __future__ import annotations
@@ -22,17 +26,50 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kling_tasks.api.errors import KlingError, KlingProtocolError, TaskFailedError, WaitTimeoutError
 from kling_tasks.api.models import TaskSnapshot
 
-__all__ = ["PollPolicy", "wait_for_task"]
+__all__ = ["PollPolicy", "wait_for_task", "warn_unknown_status"]
 
 log = logging.getLogger("kling_tasks.api.polling")
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 OnUpdate = Callable[[TaskSnapshot], Awaitable[None]]
+Phase = Literal["queued", "processing"]
+
+_unknown_warned: set[tuple[str, str]] = set()  # (task_id, word) already logged, process-wide
+_UNKNOWN_WARNED_MAX = 10_000
+
+
+def warn_unknown_status(snap: TaskSnapshot) -> None:
+    """Log a status word outside ``KNOWN_STATUSES`` once per (task, word), at WARNING."""
+    if snap.is_known_status:
+        return
+    key = (snap.task_id, snap.task_status)
+    if key in _unknown_warned:
+        return
+    if len(_unknown_warned) >= _UNKNOWN_WARNED_MAX:
+        _unknown_warned.clear()
+    _unknown_warned.add(key)
+    log.warning(
+        "task %s reports unknown status %r: treated as still in progress (external_task_id=%s)",
+        snap.task_id,
+        snap.task_status,
+        snap.external_task_id,
+    )
+
+
+def _phase(status: str, processing_seen: bool) -> Phase:
+    """Whose deadline runs: ``submitted`` is queued, ``processing`` is processing, an unknown word follows
+    what came before it (queued until a ``processing`` was seen)."""
+    if status == "submitted":
+        return "queued"
+    if status == "processing" or processing_seen:
+        return "processing"
+    return "queued"
 
 
 @dataclass(frozen=True)
@@ -67,10 +104,11 @@ async def wait_for_task(
     """
     last: TaskSnapshot | None = None
     status = "submitted"  # assumed until the first snapshot says otherwise
+    phase: Phase = "queued"
     status_since = clock()
-    queued = 0.0  # seconds spent in `submitted`
+    queued = 0.0  # seconds spent in queued phases (`submitted`, or an unknown word before `processing`)
     processing_since: float | None = None
-    last_call: str | None = None  # the phase whose deadline the current sleep runs up to
+    last_call: Phase | None = None  # the phase whose deadline the current sleep runs up to
 
     while True:
         now = clock()
@@ -83,12 +121,14 @@ async def wait_for_task(
         else:
             now = clock()
             if last is None or snap.task_status != last.task_status:
-                if status == "submitted":
+                if phase == "queued":
                     queued += now - status_since
-                if snap.task_status != "submitted" and processing_since is None:
+                if snap.task_status == "processing" and processing_since is None:
                     processing_since = now
                 status, status_since = snap.task_status, now
+                phase = _phase(status, processing_since is not None)
                 log.info("task %s is %s", snap.task_id, snap.task_status)
+                warn_unknown_status(snap)
                 if on_update is not None:
                     await on_update(snap)
             last = snap
@@ -105,11 +145,11 @@ async def wait_for_task(
                 raise TaskFailedError(snap)
 
         # Deadlines: only the clock of the current phase runs.
-        if status == "submitted":
-            spent, limit, phase = queued + (now - status_since), policy.queue_timeout, "queued"
+        if phase == "queued":
+            spent, limit = queued + (now - status_since), policy.queue_timeout
         else:
             assert processing_since is not None
-            spent, limit, phase = now - processing_since, policy.processing_timeout, "processing"
+            spent, limit = now - processing_since, policy.processing_timeout
         remaining = limit - spent
         if remaining <= 0 or last_call == phase:
             raise WaitTimeoutError(

@@ -12,7 +12,7 @@ import httpx
 import jwt
 import pytest
 
-from kling_tasks.api import KlingClient, PollPolicy, RetryPolicy
+from kling_tasks.api import KlingClient, PollPolicy, RetryPolicy, polling
 from kling_tasks.settings import KlingSettings
 
 AK = "AKtestACCESSkey0001"
@@ -192,6 +192,12 @@ def make_settings(provider: str = "kling", **kw: Any) -> KlingSettings:
 
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.004, max_posts=3)
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> None:
+    """Once-only warnings are process-wide: start each test clean."""
+    polling._unknown_warned.clear()
 
 
 @pytest.fixture

@@ -131,5 +131,27 @@ def test_snapshot_parsing_minimal() -> None:
     assert snap.task_id == "878106242831892487" and snap.task_status == "processing"
     assert snap.external_task_id is None and snap.video is None and snap.credits is None
     assert not snap.is_terminal and snap.task_status_msg == ""
+    assert snap.is_known_status
+
+
+@pytest.mark.parametrize("word", ["submitted", "processing", "succeed", "failed"])
+def test_known_status_words(word: str) -> None:
+    snap = TaskSnapshot.model_validate({"task_id": "1", "task_status": f" {word.upper()} "})
+    assert snap.task_status == word and snap.is_known_status
+    assert snap.is_terminal == (word in ("succeed", "failed"))
+
+
+@pytest.mark.parametrize("word", ["queueing", " Queueing ", "RUNNING", "exploded", "succeeded"])
+def test_unknown_status_word_is_kept_as_in_progress(word: str) -> None:
+    # A provider's own word is "in progress", never garbage: kept (normalized), neither known nor terminal.
+    snap = TaskSnapshot.model_validate({"task_id": "1", "task_status": word})
+    assert snap.task_status == word.strip().lower()
+    assert not snap.is_known_status and not snap.is_terminal
+
+
+@pytest.mark.parametrize("status", ["", "   ", None, 3])
+def test_empty_or_non_text_status_is_refused(status: object) -> None:
     with pytest.raises(ValidationError):
-        TaskSnapshot.model_validate({"task_id": "1", "task_status": "exploded"})
+        TaskSnapshot.model_validate({"task_id": "1", "task_status": status})
+    with pytest.raises(ValidationError):
+        TaskSnapshot.model_validate({"task_id": "1"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
@@ -14,6 +15,8 @@ from kling_tasks.api import (
     TaskSnapshot,
     WaitTimeoutError,
 )
+
+from .conftest import FAST_RETRY
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +147,50 @@ async def test_deadline_terminates_despite_float_rounding(seed: int) -> None:
     policy = PollPolicy(processing_timeout=120.3, rng=random.Random(seed))
     with pytest.raises(WaitTimeoutError):
         await wait_for_task(get, policy=policy, sleep=sleep, clock=lambda: state["now"])
+
+
+async def test_unknown_status_is_in_progress_and_counts_as_queued(make_client, fake, clock, caplog) -> None:
+    # `queueing` for far longer than one GET's retry budget and than the processing deadline: still a wait.
+    task_id = fake.add_task("text2video", "job-s0-q")
+    polls = FAST_RETRY.attempts * 5
+    fake.progress[task_id] = ["queueing"] * polls + ["processing", "succeed"]
+    poll = PollPolicy(min_interval=5, max_interval=15, processing_timeout=60, queue_timeout=10_000)
+    caplog.set_level(logging.WARNING, logger="kling_tasks.api")
+    start = clock.now
+    async with make_client(fake, poll=poll) as client:
+        final = await client.wait("text2video", task_id)
+    assert final.task_status == "succeed" and final.video is not None
+    assert clock.now - start > 60 and len(fake.gets()) == polls + 2
+    warnings = [r.getMessage() for r in caplog.records if "unknown status" in r.getMessage()]
+    assert len(warnings) == 1 and "'queueing'" in warnings[0] and task_id in warnings[0]
+
+
+async def test_unknown_status_before_processing_runs_the_queue_deadline(make_client, fake) -> None:
+    task_id = fake.add_task("text2video")
+    fake.progress[task_id] = ["submitted", "queueing"]
+    poll = PollPolicy(min_interval=5, max_interval=30, processing_timeout=10_000, queue_timeout=100)
+    async with make_client(fake, poll=poll) as client:
+        with pytest.raises(WaitTimeoutError, match="queued") as info:
+            await client.wait("text2video", task_id)
+    assert info.value.snapshot is not None and info.value.snapshot.task_status == "queueing"
+
+
+async def test_unknown_status_after_processing_runs_the_processing_deadline(make_client, fake, clock) -> None:
+    task_id = fake.add_task("text2video")
+    fake.progress[task_id] = ["submitted", "processing", "rendering"]
+    poll = PollPolicy(min_interval=5, max_interval=30, processing_timeout=120, queue_timeout=10_000)
+    async with make_client(fake, poll=poll) as client:
+        with pytest.raises(WaitTimeoutError, match=r"still rendering .* processing") as info:
+            await client.wait("text2video", task_id)
+    assert info.value.snapshot is not None and info.value.snapshot.task_status == "rendering"
+    assert clock.now - 1000 < 120 + 30
+
+
+async def test_unknown_status_is_warned_once_per_task_and_word(caplog) -> None:
+    from kling_tasks.api.polling import warn_unknown_status
+
+    caplog.set_level(logging.WARNING, logger="kling_tasks.api")
+    for task_id, word in [("1", "queueing"), ("1", "queueing"), ("1", "running"), ("2", "queueing")]:
+        warn_unknown_status(TaskSnapshot.model_validate({"task_id": task_id, "task_status": word}))
+    warn_unknown_status(TaskSnapshot.model_validate({"task_id": "3", "task_status": "processing"}))
+    assert len([r for r in caplog.records if "unknown status" in r.getMessage()]) == 3
