@@ -1,7 +1,7 @@
 """The Kling API client (both providers). Imports no Prefect; logs under ``kling_tasks.api``."""
 
 from kling_tasks.api.auth import Auth, BearerAuth, JwtAuth, auth_from_settings
-from kling_tasks.api.client import KlingClient, RetryPolicy, SubmitResult
+from kling_tasks.api.client import KlingClient, RetryPolicy
 from kling_tasks.api.errors import (
     AccountError,
     AmbiguousSubmitError,
@@ -21,6 +21,7 @@ from kling_tasks.api.errors import (
     WaitTimeoutError,
 )
 from kling_tasks.api.models import (
+    KNOWN_STATUSES,
     Image2VideoRequest,
     ParentVideo,
     TaskKind,
@@ -32,8 +33,10 @@ from kling_tasks.api.models import (
     VideoExtendRequest,
 )
 from kling_tasks.api.polling import PollPolicy
+from kling_tasks.api.submit import FoundBy, SubmitResult
 
 __all__ = [
+    "KNOWN_STATUSES",
     "AccountError",
     "AmbiguousSubmitError",
     "Auth",
@@ -42,6 +45,7 @@ __all__ = [
     "BearerAuth",
     "ConfigError",
     "ContentPolicyError",
+    "FoundBy",
     "IPNotAllowedError",
     "Image2VideoRequest",
     "InvalidRequestError",

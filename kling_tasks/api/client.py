@@ -1,9 +1,11 @@
 """Async Kling client: create / get / get_by_external_id / list / submit / wait, for Kling and CometAPI.
 
-Retries live here and nowhere else in this layer: GETs retry transient failures with capped, jittered
-exponential backoff; a create POST is sent once by ``create`` and only ``submit`` may send it again, after a
-lookup proved that nothing was created (DESIGN §2.3). 1302/1303 on a POST are raised, not resent: the Prefect
-layer backs off and retries those. Request headers are never logged or put into an error.
+Retries live here and nowhere else in this layer (DESIGN §3): GETs retry transport errors, 5xx/5000-5002 and
+1302/1303 with capped, jittered exponential backoff (>= 1 s start); a 1003/1004 re-mints the JWT once and
+resends once. A create POST is sent once by ``create``; only ``submit`` (``kling_tasks.api.submit``) may send it
+again: when it never left the machine, or after a *proven* lookup found nothing (DESIGN §2.3). 1302/1303 on a
+POST are raised, not resent: the slot layer waits and resubmits. Request headers are never logged or put into
+an error. Finding tasks by external id and proving lookup forms live in ``kling_tasks.api.lookup``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import builtins
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,28 +26,26 @@ from pydantic import ValidationError
 
 from kling_tasks.api.auth import Auth, auth_from_settings
 from kling_tasks.api.errors import (
-    AmbiguousSubmitError,
     AuthError,
-    BackPressureError,
     InvalidRequestError,
     KlingError,
     KlingProtocolError,
     LookupUnsupportedError,
-    NotFoundError,
-    ServerError,
     TransportError,
     error_for_code,
     error_for_status,
 )
+from kling_tasks.api.lookup import TaskFinder
 from kling_tasks.api.models import TaskKind, TaskRequest, TaskSnapshot
 from kling_tasks.api.polling import OnUpdate, PollPolicy, wait_for_task
+from kling_tasks.api.submit import SubmitResult
+from kling_tasks.api.submit import submit as submit_task
 from kling_tasks.settings import KlingSettings
 
 __all__ = ["KlingClient", "RetryPolicy", "SubmitResult"]
 
 log = logging.getLogger("kling_tasks.api")
 
-EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SUCCESS_CODES = (0, 200)  # Kling says 0; some proxies say 200 (reference §18.14)
 # httpx errors raised before a single byte of the request left this machine.
 _NOT_SENT = (
@@ -71,12 +70,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return float(min(self.max_delay, self.base_delay * 2**attempt) * (1.0 + self.rng.uniform(0.0, self.jitter)))
-
-
-@dataclass(frozen=True)
-class SubmitResult:
-    snapshot: TaskSnapshot
-    adopted: bool  # True: the task already existed at Kling (no POST was needed)
 
 
 class KlingClient:
@@ -108,6 +101,7 @@ class KlingClient:
         )
         self._prefix = ("/kling" if settings.provider == "cometapi" else "") + "/v1/videos"
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
+        self._finder = TaskFinder(self)
         self._http = httpx.AsyncClient(
             base_url=settings.base_url,
             transport=transport,
@@ -274,120 +268,62 @@ class KlingClient:
         return [self._snapshot(item, request_id, f"list {kind}") for item in items]
 
     async def get_by_external_id(self, kind: TaskKind, external_task_id: str) -> TaskSnapshot | None:
-        """The task created with ``external_task_id``, or None; wire form per ``external_id_lookup``."""
-        mode = self.settings.external_id_lookup
-        if mode == "off":
+        """The task created with ``external_task_id`` per the ``external_id_lookup`` forms, or None.
+
+        Best effort: None proves nothing (the form may not work here; ``submit`` proves forms before
+        believing them and also scans the list). LookupUnsupportedError when lookups are ``off``.
+        """
+        if self.settings.external_id_lookup == "off":
             raise LookupUnsupportedError(
                 "looking tasks up by external_task_id is switched off (KLING_EXTERNAL_ID_LOOKUP=off)",
                 external_task_id=external_task_id,
             )
-        if mode in ("auto", "query"):
-            found = await self._lookup(kind, external_task_id, query=True, tolerant=mode == "auto")
-            if found is not None or mode == "query":
-                return found
-        return await self._lookup(kind, external_task_id, query=False, tolerant=mode == "auto")
+        return await self._finder.lookup(kind, external_task_id)
 
-    async def _lookup(self, kind: TaskKind, ext: str, *, query: bool, tolerant: bool) -> TaskSnapshot | None:
-        path = self._path(kind) if query else self._path(kind, ext)
-        params = {"external_task_id": ext} if query else None
-        try:
-            data, request_id = await self._request("GET", path, params=params, retry=True, external_task_id=ext)
-        except NotFoundError:
-            return None
-        except InvalidRequestError:
-            if tolerant:  # in `auto`, a form the server does not understand means "not found this way"
-                return None
-            raise
-        items = data if isinstance(data, builtins.list) else [data]
-        snaps: builtins.list[TaskSnapshot] = []
-        for item in items:
-            try:
-                snaps.append(self._snapshot(item, request_id, f"lookup {kind}"))
-            except KlingProtocolError:
-                continue  # a server that ignored the filter may list odd tasks; only ours matters
-        for snap in snaps:
-            if snap.external_task_id == ext:
-                return snap
-        # The path form resolved the id itself; accept a lone task that just doesn't echo task_info.
-        if not query and len(snaps) == 1 and snaps[0].external_task_id is None:
-            return snaps[0].model_copy(update={"external_task_id": ext})
-        return None
+    def remember(self, kind: TaskKind, external_task_id: str, task_id: str) -> None:
+        """Register a task known to exist on this provider + base URL (e.g. from the ledger).
 
-    async def submit(self, request: TaskRequest, external_task_id: str) -> SubmitResult:
-        """Create the task for ``external_task_id`` at most once (DESIGN §2.3); adopt it if it exists."""
-        ext = external_task_id
-        if not EXTERNAL_ID_RE.match(ext):
-            raise InvalidRequestError(f"external_task_id {ext!r} must match {EXTERNAL_ID_RE.pattern}")
-        kind = request.kind
-        can_lookup = self.settings.external_id_lookup != "off"
-        if can_lookup:
-            found = await self.get_by_external_id(kind, ext)
-            if found is not None:
-                return self._adopted(found, "found before POST")
-        else:
-            self._warn_no_lookup()
-        posts = 0
-        ambiguous: KlingError
-        while True:
-            posts += 1
-            try:
-                snap = await self.create(request, ext)
-                return SubmitResult(snapshot=snap, adopted=False)
-            except BackPressureError:
-                raise  # a definite refusal: the Prefect layer backs off and retries
-            except TransportError as exc:
-                if exc.may_have_been_sent:
-                    ambiguous = exc
-                elif posts < self._retry.max_posts:  # never left this machine: safe to resend
-                    await self._sleep(self._retry.delay(posts - 1))
-                    continue
-                else:
-                    raise
-            except (ServerError, KlingProtocolError) as exc:
-                ambiguous = exc
-            except InvalidRequestError as exc:
-                # 1201 may mean "duplicate external_task_id" (UNCONFIRMED, ref §3.6): look up, adopt.
-                if exc.code != 1201 or not can_lookup:
-                    raise
-                found = await self.get_by_external_id(kind, ext)
-                if found is not None:
-                    return self._adopted(found, "1201 answer, task exists")
-                raise
-            # Ambiguous: the POST may have created the task. Find out before anything else.
-            if not can_lookup:
-                raise AmbiguousSubmitError(
-                    f"create POST for external_task_id {ext} failed ambiguously ({ambiguous}); the provider "
-                    f"cannot look tasks up by external id, so it was not resent. Check the provider's "
-                    f"console for a task with external_task_id {ext} before retrying.",
-                    external_task_id=ext,
-                ) from None
-            log.warning("create POST for external_task_id %s ambiguous (%s); looking it up", ext, ambiguous)
-            await self._sleep(self._retry.delay(posts - 1))  # give the server time to commit a task it took
-            found = await self.get_by_external_id(kind, ext)
-            if found is not None:
-                return self._adopted(found, "found after an ambiguous POST")
-            if posts >= self._retry.max_posts:
-                raise ambiguous
-            log.warning("no task with external_task_id %s after an ambiguous POST; resending", ext)
+        Known tasks are the positive controls that prove a lookup form (DESIGN §2.3); this process's own
+        creates and adoptions are remembered automatically. Kept in-process, shared by all clients.
+        """
+        self._finder.remember(kind, external_task_id, task_id)
 
-    def _adopted(self, snap: TaskSnapshot, why: str) -> SubmitResult:
-        log.info(
-            "adopted %s task %s (external_task_id=%s, request_id=%s): %s",
-            snap.task_status,
-            snap.task_id,
-            snap.external_task_id,
-            snap.request_id,
-            why,
+    async def submit(
+        self,
+        request: TaskRequest,
+        external_task_id: str,
+        *,
+        may_exist: bool = False,
+        before_post: Callable[[], Awaitable[None]] | None = None,
+        adopt_task_id: str | None = None,
+        assume_not_created: bool = False,
+    ) -> SubmitResult:
+        """Create the task for ``external_task_id`` at most once, or adopt it (``kling_tasks.api.submit``).
+
+        ``before_post`` is awaited immediately before every create POST (write the intent there).
+        ``may_exist``: an earlier run may have sent this create, so "not found" needs evidence.
+        ``adopt_task_id``: GET this task (never POST) and adopt it unless it carries another external id.
+        ``assume_not_created``: the user says the earlier ambiguous create made nothing (one POST allowed).
+        Raises AmbiguousSubmitError (not retryable) when a create may exist and no lookup can tell.
+        """
+        return await submit_task(
+            self,
+            request,
+            external_task_id,
+            may_exist=may_exist,
+            before_post=before_post,
+            adopt_task_id=adopt_task_id,
+            assume_not_created=assume_not_created,
         )
-        return SubmitResult(snapshot=snap, adopted=True)
 
     def _warn_no_lookup(self) -> None:
         key = f"{self.settings.provider}:{self.settings.base_url}"
         if key not in self._lookup_warned:
             self._lookup_warned.add(key)
             log.warning(
-                "provider %s cannot look tasks up by external_task_id (KLING_EXTERNAL_ID_LOOKUP=off): an "
-                "ambiguous create failure will stop with AmbiguousSubmitError instead of being resent",
+                "provider %s cannot look tasks up by external_task_id (KLING_EXTERNAL_ID_LOOKUP=off): only a "
+                "list scan can find an existing task, and an ambiguous create failure will stop with "
+                "AmbiguousSubmitError instead of being resent",
                 self.settings.provider,
             )
 

@@ -193,7 +193,16 @@ class WaitTimeoutError(KlingError):
 
 
 class AmbiguousSubmitError(KlingError):
-    """A create POST's outcome is unknown and the provider cannot look it up; never resent automatically."""
+    """A create POST may have made a task and no proven lookup can tell: never resent, never retried.
+
+    The message names ``external_task_id`` and the way out (adopt the task id from the console, or assume
+    it was not created); ``.external_task_id`` carries the id for the caller.
+    """
+
+    external_task_id: str
+
+    def __init__(self, message: str, *, external_task_id: str, task_id: str | None = None) -> None:
+        super().__init__(message, task_id=task_id, external_task_id=external_task_id)
 
 
 _CODE_RANGES: list[tuple[int, int, type[KlingError]]] = [

@@ -13,6 +13,7 @@ import jwt
 import pytest
 
 from kling_tasks.api import KlingClient, PollPolicy, RetryPolicy, polling
+from kling_tasks.api.lookup import TaskFinder
 from kling_tasks.settings import KlingSettings
 
 AK = "AKtestACCESSkey0001"
@@ -46,8 +47,9 @@ class Fault:
 @dataclass
 class FakeKling:
     provider: str = "kling"
-    query_lookup: bool = True  # understands GET /{kind}?external_task_id=
-    path_lookup: bool = True  # understands GET /{kind}/{external_task_id}
+    query_lookup: bool = True  # understands GET /{kind}?external_task_id= (False: ignores it, lists all)
+    path_lookup: bool = True  # understands GET /{kind}/{external_task_id} (False: 1203 unless a task_id)
+    unique_ext: bool = True  # refuses a second create with the same external_task_id (1201)
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     progress: dict[str, list[str]] = field(default_factory=dict)  # task_id -> statuses served on each GET
     faults: list[Fault] = field(default_factory=list)
@@ -74,17 +76,21 @@ class FakeKling:
     def fail(self, method: str, **kwargs: Any) -> None:
         self.faults.append(Fault(method, **kwargs))
 
+    def gets_with(self, **params: str) -> list[httpx.Request]:
+        return [r for r in self.gets() if all(r.url.params.get(k) == v for k, v in params.items())]
+
     def add_task(self, kind: str, ext: str | None = None, status: str = "submitted", **extra: Any) -> str:
         task_id = str(self.next_id)
         self.next_id += 1
+        created = 1774805076166 + len(self.tasks)
         self.tasks[task_id] = {
             "task_id": task_id,
             "kind": kind,
             "task_status": status,
             "task_status_msg": "",
             "task_info": {"external_task_id": ext} if ext else {},
-            "created_at": 1774805076166,
-            "updated_at": 1774805076166,
+            "created_at": created,
+            "updated_at": created,
             **extra,
         }
         return task_id
@@ -165,7 +171,8 @@ class FakeKling:
         if request.method == "POST":
             body = json.loads(request.content)
             ext = body.get("external_task_id")
-            if ext and any(t["task_info"].get("external_task_id") == ext for t in self.tasks.values()):
+            taken = any(t["task_info"].get("external_task_id") == ext for t in self.tasks.values())
+            if ext and taken and self.unique_ext:
                 return self.envelope(None, 1201, 400, "external_task_id already exists")
             task_id = self.add_task(kind, ext, body=body)
             return self.envelope(self.public(task_id))
@@ -182,6 +189,8 @@ class FakeKling:
         items = [tid for tid, t in self.tasks.items() if t["kind"] == kind]
         if ext is not None and self.query_lookup:
             items = [tid for tid in items if self.tasks[tid]["task_info"].get("external_task_id") == ext]
+        page, size = int(request.url.params.get("pageNum", 1)), int(request.url.params.get("pageSize", 30))
+        items = items[(page - 1) * size : page * size]
         return self.envelope([self.public(tid) for tid in items])
 
 
@@ -196,7 +205,9 @@ FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.001, max_delay=0.004, max_post
 
 @pytest.fixture(autouse=True)
 def fresh_process_state() -> None:
-    """Once-only warnings are process-wide: start each test clean."""
+    """Known tasks, lookup proofs and once-only warnings are class-level (in-process): start each test clean."""
+    TaskFinder.forget_all()
+    KlingClient._lookup_warned.clear()
     polling._unknown_warned.clear()
 
 

@@ -146,11 +146,12 @@ async def test_kling_extend_body_has_no_task_id(make_client, fake) -> None:
 
 
 async def test_list_parses_and_sends_paging(make_client, fake) -> None:
-    for i in range(3):
-        fake.add_task("text2video", f"e-{i}")
+    for i in range(12):
+        fake.add_task("text2video", f"e-{i}", status="queueing" if i == 11 else "submitted")
     async with make_client(fake) as client:
         snaps = await client.list("text2video", page_num=2, page_size=10)
-    assert [s.external_task_id for s in snaps] == ["e-0", "e-1", "e-2"]
+    assert [s.external_task_id for s in snaps] == ["e-10", "e-11"]  # an unknown status word is not dropped
+    assert snaps[1].task_status == "queueing"
     params = fake.gets()[0].url.params
     assert params["pageNum"] == "2" and params["pageSize"] == "10"
 
@@ -162,9 +163,15 @@ async def test_lookup_query_form(make_client, fake, mode: str) -> None:
     async with make_client(fake, external_id_lookup=mode) as client:
         snap = await client.get_by_external_id("text2video", "job-s0-q")
         assert snap is not None and snap.task_id == task_id
-        assert await client.get_by_external_id("text2video", "nope") is None if mode == "query" else True
+        assert await client.get_by_external_id("text2video", "nope") is None
     first = fake.gets()[0]
     assert first.url.path == "/v1/videos/text2video" and first.url.params["external_task_id"] == "job-s0-q"
+    # The miss: `query` asks the query form only; `auto` then tries the path form too. Never the list.
+    tried = [(r.url.path, r.url.params.get("external_task_id")) for r in fake.gets()[1:]]
+    expected = [("/v1/videos/text2video", "nope")]
+    if mode == "auto":
+        expected.append(("/v1/videos/text2video/nope", None))
+    assert tried == expected
 
 
 async def test_lookup_path_form(make_client, fake) -> None:

@@ -1,0 +1,169 @@
+"""Finding a task by external id (forms, then list scan) and proving a form before believing "not found"."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import pytest
+
+from kling_tasks.api import AmbiguousSubmitError, InvalidRequestError, KlingClient, Text2VideoRequest
+from kling_tasks.api.lookup import LIST_PAGE_SIZE, LIST_PAGES, TaskFinder
+
+from .conftest import FAST_RETRY, make_settings
+
+pytestmark = pytest.mark.anyio
+T2V = Text2VideoRequest(prompt="a harbour at night")
+EXT = "job2-s0-00aa11bb"
+CONTROL = "ctl-s0-ffff0000"
+
+
+def lost_before_creating(fake) -> None:
+    fake.fail("POST", exc=httpx.ReadTimeout)  # may have been sent, but the server made nothing
+
+
+async def test_query_form_that_ignores_the_filter_is_not_proven(make_client, fake) -> None:
+    # The server lists every task for ?external_task_id=: the control is "found", but beside other tasks.
+    fake.query_lookup = False
+    fake.path_lookup = False
+    fake.add_task("text2video", CONTROL)
+    fake.add_task("text2video", "another-s0-1")
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        with pytest.raises(AmbiguousSubmitError) as info:
+            await client.submit(T2V, EXT)
+    assert len(fake.posts()) == 1 and "not proven" in str(info.value)
+    assert len(fake.gets_with(external_task_id=CONTROL)) == 1  # the control was tried, and failed
+    assert TaskFinder._proofs == set()
+
+
+async def test_path_form_proven_when_query_is_broken(make_client, fake) -> None:
+    fake.query_lookup = False
+    fake.add_task("text2video", CONTROL)
+    fake.add_task("text2video", "another-s0-1")
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 2
+    assert TaskFinder._proofs == {("kling", "https://kling.test", "text2video", "path")}
+    assert any(r.url.path == f"/v1/videos/text2video/{CONTROL}" for r in fake.gets())
+
+
+async def test_query_form_refused_is_not_evidence(make_client, fake) -> None:
+    # In `auto`, a form the server refuses (1200) is "cannot tell", not "not found".
+    fake.path_lookup = False
+    fake.add_task("text2video", CONTROL)
+    refuse = lambda r: "external_task_id" in r.url.params  # noqa: E731
+    fake.fail("GET", response=fake.envelope(None, 1200, 400, "unknown parameter"), times=100, match=refuse)
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        with pytest.raises(AmbiguousSubmitError) as info:
+            await client.submit(T2V, EXT)
+    assert "query lookup: unsupported" in str(info.value) and len(fake.posts()) == 1
+
+
+async def test_proof_is_cached_per_account_and_kind(make_client, fake, clock) -> None:
+    control = fake.add_task("text2video", CONTROL)
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, control)
+        lost_before_creating(fake)
+        await client.submit(T2V, EXT)
+    async with make_client(fake) as other:  # another client, same provider + base URL
+        lost_before_creating(fake)
+        await other.submit(T2V, "job2-s0-22cc33dd")
+    assert len(fake.gets_with(external_task_id=CONTROL)) == 1  # proven once, in-process
+    assert TaskFinder._proofs == {("kling", "https://kling.test", "text2video", "query")}
+    # Another base URL is another account: nothing carries over.
+    settings = make_settings().model_copy(update={"api_base_url": "https://elsewhere.test"})
+    elsewhere = KlingClient(settings, transport=fake.transport, sleep=clock.sleep, retry=FAST_RETRY)
+    assert not elsewhere._finder.is_proven("text2video", "query") and elsewhere._finder.known("text2video") == []
+    assert not other._finder.is_proven("image2video", "query")
+    await elsewhere.aclose()
+
+
+async def test_control_must_be_found_by_task_id(make_client, fake) -> None:
+    # A remembered task the server no longer knows proves nothing.
+    fake.add_task("text2video", "listed-s0-1")
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, "999999")
+        with pytest.raises(AmbiguousSubmitError):
+            await client.submit(T2V, EXT)
+    assert TaskFinder._proofs == set()
+
+
+async def test_own_creates_become_controls(make_client, fake) -> None:
+    async with make_client(fake) as client:
+        first = await client.submit(T2V, "job2-s0-first")
+        lost_before_creating(fake)
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.tasks) == 2
+    assert len(fake.gets_with(external_task_id="job2-s0-first")) == 2  # pre-POST lookup, then the control
+    assert client._finder.known("text2video")[-1] == ("job2-s0-first", first.snapshot.task_id)
+
+
+@pytest.mark.parametrize("lookup", ["auto", "query", "path", "off"])
+async def test_list_scan_finds_task_on_a_later_page(make_client, fake, lookup: str) -> None:
+    fake.query_lookup = fake.path_lookup = False  # both forms broken: only the list can find it
+    for i in range(LIST_PAGE_SIZE + 20):
+        fake.add_task("text2video", f"filler-s0-{i}")
+    task_id = fake.add_task("text2video", EXT)
+    async with make_client(fake, external_id_lookup=lookup) as client:
+        result = await client.submit(T2V, EXT)
+    assert result.adopted and result.via == "list" and result.snapshot.task_id == task_id
+    pages = [r.url.params["pageNum"] for r in fake.gets() if "pageNum" in r.url.params]
+    assert pages == ["1", "2"] and fake.posts() == []
+
+
+async def test_list_scan_reads_at_most_its_pages(make_client, fake) -> None:
+    for i in range(LIST_PAGE_SIZE * LIST_PAGES + 5):
+        fake.add_task("text2video", f"filler-s0-{i}")
+    fake.add_task("text2video", EXT)  # beyond the scanned pages
+    async with make_client(fake, external_id_lookup="off") as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.submit(T2V, EXT)
+    # Not found in the first pages: before any POST that is fine; the server's 1201 is then raised as is.
+    pages = [r.url.params["pageNum"] for r in fake.gets()]
+    assert pages == [str(n) for n in range(1, LIST_PAGES + 1)] * 2 and info.value.code == 1201
+    assert len(fake.posts()) == 1
+
+
+async def test_several_tasks_with_our_id_adopt_the_oldest(make_client, fake, caplog) -> None:
+    fake.unique_ext = False  # a provider that does not enforce uniqueness
+    older = fake.add_task("text2video", EXT, created_at=1774805000000)
+    newer = fake.add_task("text2video", EXT, created_at=1774805999999)
+    fake.tasks = dict(reversed(fake.tasks.items()))  # the server lists the newest first
+    caplog.set_level(logging.WARNING, logger="kling_tasks.api")
+    async with make_client(fake) as client:
+        by_query = await client.submit(T2V, EXT)
+    async with make_client(fake, external_id_lookup="off") as client:
+        by_list = await client.submit(T2V, EXT)
+    assert by_query.snapshot.task_id == older and by_query.via == "lookup"
+    assert by_list.snapshot.task_id == older and by_list.via == "list"
+    warning = next(r.getMessage() for r in caplog.records if "tasks carry external_task_id" in r.getMessage())
+    assert older in warning and newer in warning and fake.posts() == []
+
+
+async def test_get_by_external_id_never_scans_the_list(make_client, fake) -> None:
+    fake.query_lookup = fake.path_lookup = False
+    fake.add_task("text2video", EXT)
+    async with make_client(fake) as client:
+        assert await client.get_by_external_id("text2video", "absent-s0-1") is None
+    assert all("pageNum" not in r.url.params for r in fake.gets())
+
+
+async def test_path_answer_without_echo_is_adopted_unless_known_as_another(make_client, fake) -> None:
+    # A provider that does not echo task_info: the path form's lone task is ours...
+    task_id = fake.add_task("text2video")
+    fake.fail("GET", response=fake.envelope([]))  # the query form finds nothing
+    fake.fail("GET", response=lambda r: fake.envelope(fake.public(task_id)))  # the path form answers it
+    async with make_client(fake) as client:
+        result = await client.submit(T2V, EXT)
+        assert result.adopted and result.snapshot.task_id == task_id and result.snapshot.external_task_id == EXT
+        # ...unless this process knows that task under another external id: then the form is not trusted.
+        other = "job2-s0-99999999"
+        fake.fail("GET", response=fake.envelope([]))
+        fake.fail("GET", response=lambda r: fake.envelope(fake.public(task_id)))
+        fake.fail("GET", response=fake.envelope([]))  # and the list page misses: POST
+        second = await client.submit(T2V, other)
+    assert second.via == "created" and second.snapshot.task_id != task_id and len(fake.posts()) == 1
