@@ -6,6 +6,7 @@ Prefect reads its settings when first imported, so this runs before any test mod
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -34,18 +35,28 @@ for _name in ("KLING_ACCESS_KEY", "KLING_SECRET_KEY", "COMETAPI_KEY", "KLING_API
     os.environ.pop(_name, None)
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-class PrefectServer:
-    """One real `prefect server start` per pytest session, in its own process group."""
+class ServerExitedError(RuntimeError):
+    """The server process ended before serving: typically its port was taken between pick and bind."""
 
-    def __init__(self, home: Path):
-        self.port = free_port()
+
+class PrefectServer:
+    """One real `prefect server start` per pytest session, in its own process group.
+
+    `free_port()` only picks a port that was free a moment ago: another process can bind it before the
+    server does. Then the server exits (ServerExitedError) and `start()` tries again on a new port. A
+    port answered by some other server (another session's Prefect) is not mistaken for this one: the
+    server is ours only if it reports our own PREFECT_HOME.
+    """
+
+    def __init__(self, home: Path, port: int):
+        self.home = home
+        self.port = port
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.ui_url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -57,25 +68,52 @@ class PrefectServer:
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
+    @classmethod
+    def start(cls, make_home: Callable[[], Path], attempts: int = 4) -> PrefectServer:
+        """A healthy server of ours; a fresh home and a fresh port for each attempt."""
+        for attempt in range(1, attempts + 1):
+            server = cls(make_home(), free_port())
+            try:
+                server.wait_healthy()
+                return server
+            except ServerExitedError:
+                server.stop()
+                if attempt == attempts:
+                    raise
+            except BaseException:
+                server.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _is_ours(self) -> bool:
+        try:
+            if httpx.get(f"{self.api_url}/health", timeout=1).status_code != 200:
+                return False
+            settings = httpx.get(f"{self.api_url}/admin/settings", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            return False
+        return isinstance(settings, dict) and Path(str(settings.get("home"))).resolve() == self.home.resolve()
+
     def wait_healthy(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"prefect server exited: see {self.log.name}")
-            try:
-                if httpx.get(f"{self.api_url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+                raise ServerExitedError(f"prefect server on port {self.port} exited: see {self.log.name}")
+            if self._is_ours():
+                return
             time.sleep(0.3)
-        raise TimeoutError("prefect server did not become healthy")
+        raise TimeoutError(f"prefect server did not become healthy: see {self.log.name}")
 
     def stop(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the whole group is gone already
+            self.process.wait()
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self.log.close()
 
 
@@ -89,9 +127,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
         temporary_settings,
     )
 
-    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    server = PrefectServer.start(lambda: tmp_path_factory.mktemp("prefect-server"))
     try:
-        server.wait_healthy()
         results = tmp_path_factory.mktemp("prefect-results")
         server.env["PREFECT_API_URL"] = server.api_url
         with temporary_settings(updates={PREFECT_API_URL: server.api_url,
