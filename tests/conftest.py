@@ -144,7 +144,23 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 
 @pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing from the developer's shell or ~/.aws reaches the code under test (or its child processes).
+
+    Every AWS_* variable goes (profiles, session/security tokens, endpoint overrides such as
+    AWS_ENDPOINT_URL_S3, role and container credentials, CA bundles); config and credential files point
+    at paths that do not exist; no instance-metadata probe; one fixed region.
+    """
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws" / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws" / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 2 s wait on the instance-metadata probe
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch, isolated_aws: None) -> Iterator[str]:
     """moto's real S3 HTTP server on a free port, reached through boto3's standard environment."""
     from moto.server import ThreadedMotoServer
 
@@ -155,7 +171,6 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing-access-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing-secret-key")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     try:
         yield endpoint
     finally:

@@ -29,29 +29,9 @@ def moto_endpoint() -> Iterator[str]:
     server.stop()
 
 
-def _isolate_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Nothing from the developer's shell or ~/.aws may reach the code under test."""
-    for name in (
-        "AWS_PROFILE",
-        "AWS_DEFAULT_PROFILE",
-        "AWS_SESSION_TOKEN",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_ROLE_ARN",
-        "AWS_WEB_IDENTITY_TOKEN_FILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 2 s wait on the instance-metadata probe
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-
-
 @pytest.fixture
-def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, isolated_aws: None) -> str:
     """The standard chain pointed at moto: exactly what a user does for MinIO or R2."""
-    _isolate_aws(monkeypatch, tmp_path)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET)
@@ -59,8 +39,7 @@ def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 
 
 @pytest.fixture
-def no_aws_credentials(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    _isolate_aws(monkeypatch, tmp_path)
+def no_aws_credentials(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, isolated_aws: None) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
 
 
