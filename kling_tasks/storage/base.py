@@ -16,7 +16,12 @@ PRESIGN_MAX_SECONDS = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer t
 
 
 class StoredObject(BaseModel):
-    """A complete object in a sink. `key` is relative to the sink's destination."""
+    """A complete object in a sink. `key` is relative to the sink's destination.
+
+    `task_id` is the Kling task the object was stored for, as recorded with it (S3 user metadata
+    `task_id`); None when the sink keeps no metadata (a local folder: the caller's ledger proves its
+    files by sha256) or the object was written without one (manifests, contact sheets).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -24,6 +29,7 @@ class StoredObject(BaseModel):
     size: int
     sha256: str
     key: str
+    task_id: str | None = None
 
 
 class StorageError(Exception):
@@ -78,7 +84,15 @@ class Sink(Protocol):
         expected_size: int | None = None,
         allow_private: bool = False,
         http: httpx.Client | None = None,
-    ) -> StoredObject: ...
+        reuse_sha256: str | None = None,
+    ) -> StoredObject:
+        """Download `url` to `key`, replacing whatever is there unless it is proven to be this very object.
+
+        An existing object is reused (nothing downloaded) only when it is proven: on S3 it carries
+        `metadata["task_id"]` (and, if given, has `reuse_sha256` and `expected_size`); in a local folder
+        its sha256 is `reuse_sha256` (and its size `expected_size`, if given).
+        """
+        ...
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject: ...
 

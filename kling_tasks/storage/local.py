@@ -39,7 +39,7 @@ class LocalSink:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def _obj(self, key: str, size: int, sha256: str) -> StoredObject:
+    def _obj(self, key: str, size: int, sha256: str) -> StoredObject:  # task_id None: no metadata kept
         return StoredObject(uri=str(self._path(key)), size=size, sha256=sha256, key=key)
 
     def check_reachable(self) -> None:
@@ -94,10 +94,17 @@ class LocalSink:
         expected_size: int | None = None,
         allow_private: bool = False,
         http: httpx.Client | None = None,
+        reuse_sha256: str | None = None,
     ) -> StoredObject:
-        existing = self.head(key)
-        if existing is not None and (expected_size is None or existing.size == expected_size):
-            return existing
+        """Reuse the file at `key` only if its sha256 is `reuse_sha256`; otherwise download and replace it.
+
+        A folder keeps no metadata, so the caller proves a file by the sha256 its ledger recorded for
+        this task; `expected_size`, when given, must match as well.
+        """
+        if reuse_sha256 is not None:
+            existing = self.head(key)
+            if existing is not None and existing.sha256 == reuse_sha256 and expected_size in (None, existing.size):
+                return existing
         with self._atomic(key) as fh:
             got = fetch_to(url, fh.write, expected_size=expected_size, allow_private=allow_private, http=http)
         return self._obj(key, got.size, got.sha256)

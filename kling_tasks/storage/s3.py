@@ -77,8 +77,9 @@ class S3Sink:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
-    def _obj(self, key: str, size: int, sha256: str) -> StoredObject:
-        return StoredObject(uri=f"s3://{self.bucket}/{self._full(key)}", size=size, sha256=sha256, key=key)
+    def _obj(self, key: str, size: int, sha256: str, task_id: str | None = None) -> StoredObject:
+        uri = f"s3://{self.bucket}/{self._full(key)}"
+        return StoredObject(uri=uri, size=size, sha256=sha256, key=key, task_id=task_id)
 
     def _error(self, exc: Exception, action: str) -> DestinationError:
         """One line, no secrets: only error codes and the endpoint, never botocore's full text."""
@@ -129,10 +130,11 @@ class S3Sink:
         resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
         if resp is None:
             return None
-        sha = resp.get("Metadata", {}).get("sha256")
+        meta = resp.get("Metadata", {})
+        sha = meta.get("sha256")
         if not sha:  # not ours, or a crash between completing a multipart upload and tagging it
             return None
-        return self._obj(key, int(resp["ContentLength"]), sha)
+        return self._obj(key, int(resp["ContentLength"]), sha, meta.get("task_id") or None)
 
     def store_from_url(
         self,
@@ -143,18 +145,32 @@ class S3Sink:
         expected_size: int | None = None,
         allow_private: bool = False,
         http: httpx.Client | None = None,
+        reuse_sha256: str | None = None,
     ) -> StoredObject:
-        existing = self.head(key)
-        if existing is not None and (expected_size is None or existing.size == expected_size):
-            return existing
-        upload = _Upload(self, self._full(key), content_type_for(key), clean_metadata(metadata))
+        """Reuse the object at `key` only if it carries `metadata["task_id"]`; otherwise download and replace.
+
+        `reuse_sha256` and `expected_size`, when given, must match as well.
+        """
+        full = self._full(key)
+        meta = clean_metadata(metadata)
+        task_id = meta.get("task_id") or None
+        if task_id is not None:
+            existing = self.head(key)
+            if (
+                existing is not None
+                and existing.task_id == task_id
+                and reuse_sha256 in (None, existing.sha256)
+                and expected_size in (None, existing.size)
+            ):
+                return existing
+        upload = _Upload(self, full, content_type_for(key), meta)
         try:
             got = fetch_to(url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http)
             upload.finish(got.sha256)
         except BaseException:
             upload.abort()
             raise
-        return self._obj(key, got.size, got.sha256)
+        return self._obj(key, got.size, got.sha256, task_id)
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         sha = hashlib.sha256(data).hexdigest()
@@ -174,12 +190,12 @@ class S3Sink:
         return self._read(lambda: self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read())
 
     def copy(self, src_key: str, dst_key: str) -> StoredObject:
-        """Server-side copy keeping metadata (sha256 included); no-op if dst already has the same bytes."""
+        """Server-side copy keeping metadata (sha256, task_id); no-op if dst already has the same bytes and task."""
         src = self.head(src_key)
         if src is None:
             raise DestinationError(f"cannot copy: s3://{self.bucket}/{self._full(src_key)} does not exist")
         dst = self.head(dst_key)
-        if dst is not None and dst.sha256 == src.sha256:
+        if dst is not None and (dst.sha256, dst.task_id) == (src.sha256, src.task_id):
             return dst
         try:  # CopyObject handles up to 5 GiB, far above a 3-minute video
             self.client.copy_object(
@@ -190,7 +206,7 @@ class S3Sink:
             )
         except (BotoCoreError, ClientError) as exc:
             raise self._error(exc, "copy within") from None
-        return self._obj(dst_key, src.size, src.sha256)
+        return self._obj(dst_key, src.size, src.sha256, src.task_id)
 
     def link(self, key: str, expires_seconds: int = PRESIGN_MAX_SECONDS) -> str:
         try:

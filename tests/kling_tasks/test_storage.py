@@ -53,14 +53,17 @@ def s3_client_if(sink: Sink, request: pytest.FixtureRequest) -> Any | None:
 # --- store, head, idempotency -------------------------------------------------------------------
 
 
-def test_store_then_head_and_second_store_is_a_no_op(sink: Sink, source: Any) -> None:
+def test_store_then_head_and_a_proven_second_store_is_a_no_op(sink: Sink, source: Any) -> None:
     data = body_of(300_000)
     url = source.add("/v.mp4", data)
     stored = sink.store_from_url(url, KEY, metadata=META, allow_private=True)
     assert (stored.size, stored.sha256, stored.key) == (len(data), sha(data), KEY)
     assert stored.uri.endswith("/videos/job1/step-00.mp4" if isinstance(sink, S3Sink) else "/out/job1/step-00.mp4")
+    assert stored.task_id == ("t-123" if isinstance(sink, S3Sink) else None)
     assert sink.head(KEY) == stored
-    again = sink.store_from_url(url, KEY, metadata=META, allow_private=True)
+    # The proof of "this task's object": S3 reads the task_id back; a folder needs the ledger's sha256.
+    proof = {} if isinstance(sink, S3Sink) else {"reuse_sha256": stored.sha256}
+    again = sink.store_from_url(url, KEY, metadata=META, allow_private=True, **proof)
     assert again == stored
     assert source.hits["/v.mp4"] == 1  # the second call downloaded nothing
     assert sink.read_bytes(KEY) == data
@@ -74,6 +77,7 @@ def test_head_of_missing_key_is_none(sink: Sink) -> None:
 def test_empty_body_is_stored(sink: Sink, source: Any) -> None:
     stored = sink.store_from_url(source.add("/e", b""), KEY, metadata=META, allow_private=True)
     assert (stored.size, stored.sha256) == (0, sha(b""))
+    assert sink.read_bytes(KEY) == b"" and sink.head(KEY) == stored
 
 
 def test_multipart_upload_of_12_mib_in_three_parts(bucket: str, s3: Any, source: Any) -> None:
@@ -156,7 +160,7 @@ def test_length_mismatch_with_expected_size(sink: Sink, source: Any, request: py
 
 def test_no_content_length_is_accepted(sink: Sink, source: Any) -> None:
     stored = sink.store_from_url(source.add("/n", b"b" * 5000, mode="nolength"), KEY, metadata=META, allow_private=True)
-    assert stored.size == 5000
+    assert (stored.size, stored.sha256) == (5000, sha(b"b" * 5000)) and sink.read_bytes(KEY) == b"b" * 5000
 
 
 def test_connection_refused_is_retryable(sink: Sink) -> None:
@@ -240,9 +244,10 @@ def test_redirect_to_metadata_address_is_refused(monkeypatch: pytest.MonkeyPatch
 # --- reachability, secrets -----------------------------------------------------------------------
 
 
-def test_check_reachable_ok(sink: Sink) -> None:
+def test_check_reachable_ok_and_leaves_no_probe(sink: Sink, request: pytest.FixtureRequest) -> None:
     sink.check_reachable()
-    assert sink.head(".kling-write-check") is None
+    # Not head(): it ignores objects without sha256 (the S3 probe has none) and never sees a temp file.
+    assert leftovers(sink, s3_client_if(sink, request)) == []
 
 
 def test_missing_bucket(aws_env: str) -> None:
@@ -266,14 +271,28 @@ def test_unwritable_folder(tmp_path: Path) -> None:
         LocalSink(blocker / "out").check_reachable()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_read_only_folder(tmp_path: Path) -> None:
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(DestinationError, match="not writable"):
-            LocalSink(tmp_path).check_reachable()
-    finally:
-        tmp_path.chmod(0o700)
+def test_job_folder_that_is_a_file_refuses_writes_for_root_too(tmp_path: Path, source: Any) -> None:
+    # Permission bits do not stop root; a file where the job's folder should be stops everyone.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "job1").write_text("a file, not a folder")
+    sink = LocalSink(tmp_path / "out")
+    with pytest.raises(DestinationError, match=r"cannot write under .*/out/job1"):
+        sink.write_bytes("job1/manifest.json", b"{}", "application/json")
+    with pytest.raises(DestinationError, match=r"cannot write under .*/out/job1"):
+        sink.store_from_url(source.add("/v", b"video"), KEY, metadata=META, allow_private=True)
+    assert source.hits["/v"] == 0  # refused before downloading anything
+    assert (tmp_path / "out" / "job1").read_text() == "a file, not a folder"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["job1"]
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_folder_that_refuses_new_files_is_not_writable_for_root_too() -> None:
+    # sysfs creates no files on request, whoever asks (root included): a read-only folder for everyone.
+    sink = LocalSink("/sys/kernel")
+    with pytest.raises(DestinationError, match=r"local folder /sys/kernel is not writable"):
+        sink.check_reachable()
+    with pytest.raises(DestinationError, match=r"cannot write under /sys/kernel"):
+        sink.write_bytes("job1/manifest.json", b"{}", "application/json")
 
 
 # --- small objects, copy, link -------------------------------------------------------------------
@@ -282,6 +301,7 @@ def test_read_only_folder(tmp_path: Path) -> None:
 def test_write_read_bytes(sink: Sink) -> None:
     obj = sink.write_bytes("job1/manifest.json", b'{"a": 1}', "application/json")
     assert obj == StoredObject(uri=obj.uri, size=8, sha256=sha(b'{"a": 1}'), key="job1/manifest.json")
+    assert obj.uri.endswith("/job1/manifest.json") and obj.task_id is None
     assert sink.read_bytes("job1/manifest.json") == b'{"a": 1}'
     sink.write_bytes("job1/manifest.json", b"{}", "application/json")
     assert sink.read_bytes("job1/manifest.json") == b"{}"
@@ -297,7 +317,7 @@ def test_copy_and_link(sink: Sink, source: Any) -> None:
     assert sink.copy("job1/step-02.mp4", "job1/final.mp4") == final  # idempotent
     link = sink.link("job1/final.mp4", expires_seconds=3600)
     if isinstance(sink, S3Sink):
-        assert "Expires=" in link or "X-Amz-Expires=3600" in link
+        assert "X-Amz-Expires=3600" in link  # SigV4, with the lifetime asked for
         assert httpx.get(link).content == data
     else:
         assert Path(link).is_absolute() and Path(link).read_bytes() == data
