@@ -90,7 +90,8 @@ class Sink(Protocol):
 
         An existing object is reused (nothing downloaded) only when it is proven: on S3 it carries
         `metadata["task_id"]` (and, if given, has `reuse_sha256` and `expected_size`); in a local folder
-        its sha256 is `reuse_sha256` (and its size `expected_size`, if given).
+        its sha256 is `reuse_sha256` (and its size `expected_size`, if given). Leftovers of an earlier
+        store of this key that was killed (open multipart uploads, `.part` temp files) are cleaned up.
         """
         ...
 

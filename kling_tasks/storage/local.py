@@ -1,10 +1,18 @@
-"""A folder as a sink. Every write goes to a hidden temp file in the same folder, then `os.replace`."""
+"""A folder as a sink. Every write goes to a hidden temp file in the same folder, then `os.replace`.
+
+A temp file is `.{name}.{random}.part`, locked (flock) by its writer until it has been renamed. A writer
+killed with SIGKILL cannot delete its temp, but the kernel drops its lock: the next write of the same key
+removes such temps (unlocked and older than its own), and never another key's or a live writer's.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,6 +29,41 @@ from .base import (
     sha256_of,
 )
 from .download import fetch_to
+
+if sys.platform != "win32":
+    import fcntl
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on `fd` without waiting; False only if another open file holds one."""
+    if sys.platform == "win32":  # no flock: stale temps are then told apart by age alone
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a filesystem without locks (some FUSE/SMB mounts): fall back to age alone
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path, own: str, started_ns: int) -> None:
+    """Delete temps of `path` left by dead writers: same name pattern, older than ours, not locked."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]+\.part")  # mkstemp's alphabet has no dot
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if entry.name == own or not pattern.fullmatch(entry.name):
+                continue
+            with contextlib.suppress(OSError):  # gone meanwhile or not ours to delete: never fail a write
+                seen = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(seen.st_mode) or seen.st_mtime_ns >= started_ns:
+                    continue
+                fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:  # the same inode still under that name: not one swapped in since the listing
+                    if _try_lock(fd) and os.fstat(fd).st_ino == os.stat(entry.path, follow_symlinks=False).st_ino:
+                        os.unlink(entry.path)
+                finally:
+                    os.close(fd)
 
 
 class LocalSink:
@@ -64,26 +107,35 @@ class LocalSink:
 
     @contextlib.contextmanager
     def _atomic(self, key: str) -> Iterator[BinaryIO]:
-        """Yield a temp file next to the target; on success fsync + rename over it, else delete it."""
+        """Yield a locked temp file next to the target; on success fsync + rename over it, else delete it.
+
+        Temps of this key left by killed writers are removed first; the lock (held until after the
+        rename) keeps this one from being taken for such a leftover by a concurrent writer.
+        """
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         except OSError as exc:
             raise DestinationError(f"cannot write under {path.parent}: {exc.strerror or exc}") from exc
+        fh = os.fdopen(fd, "wb")
         try:
-            with os.fdopen(fd, "wb") as fh:
-                yield fh
-                fh.flush()
-                os.fsync(fh.fileno())
+            _try_lock(fd)
+            _remove_stale_temps(path, os.path.basename(tmp_name), os.fstat(fd).st_mtime_ns)
+            yield fh
+            fh.flush()
+            os.fsync(fd)
             os.chmod(tmp_name, 0o644)  # mkstemp makes 0600 files; videos are meant to be shared
-            os.replace(tmp_name, path)
+            os.replace(tmp_name, path)  # still open and locked: no moment where it looks abandoned
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             if isinstance(exc, OSError):  # disk full, permissions: a sink problem, told as one
                 raise DestinationError(f"cannot write {path}: {exc.strerror or exc}") from exc
             raise
+        finally:
+            with contextlib.suppress(OSError):  # flushed and fsynced above; closing only drops the lock
+                fh.close()
 
     def store_from_url(
         self,

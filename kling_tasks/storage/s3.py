@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,6 +42,7 @@ _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
 
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class S3Sink:
@@ -99,7 +101,10 @@ class S3Sink:
                 return DestinationError(f"bucket {self.bucket} does not exist (cannot {action} {where})")
             if code in _DENIED or status == 403:
                 return DestinationError(f"access denied to {action} {where} ({code})")
-            return DestinationError(f"S3 refused to {action} {where}: {code}", retryable=status >= 500)
+            # NoSuchUpload: a later store of the same key aborted this upload as a leftover; a retry
+            # then finds that store's object (reused if it is this task's) or uploads again.
+            retryable = status >= 500 or code == "NoSuchUpload"
+            return DestinationError(f"S3 refused to {action} {where}: {code}", retryable=retryable)
         return DestinationError(f"S3 error while trying to {action} {where}: {type(exc).__name__}")
 
     def check_reachable(self) -> None:
@@ -149,7 +154,9 @@ class S3Sink:
     ) -> StoredObject:
         """Reuse the object at `key` only if it carries `metadata["task_id"]`; otherwise download and replace.
 
-        `reuse_sha256` and `expected_size`, when given, must match as well.
+        `reuse_sha256` and `expected_size`, when given, must match as well. Open multipart uploads of this
+        key (left by a store that was killed: it could not abort them itself) are aborted before the new
+        upload starts and again once it is complete.
         """
         full = self._full(key)
         meta = clean_metadata(metadata)
@@ -163,6 +170,7 @@ class S3Sink:
                 and expected_size in (None, existing.size)
             ):
                 return existing
+        self._abort_stale_uploads(full)
         upload = _Upload(self, full, content_type_for(key), meta)
         try:
             got = fetch_to(url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http)
@@ -170,7 +178,24 @@ class S3Sink:
         except BaseException:
             upload.abort()
             raise
+        self._abort_stale_uploads(full)
         return self._obj(key, got.size, got.sha256, task_id)
+
+    def _abort_stale_uploads(self, full_key: str) -> None:
+        """Abort every open multipart upload of exactly `full_key` (the prefix also matches longer keys).
+
+        Best effort: an open upload is invisible to readers and only costs storage, so a listing refused
+        by a narrow IAM policy must not fail the store; a bucket lifecycle rule can clean up instead.
+        """
+        s3 = self.client
+        try:
+            for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=full_key):
+                for stale in page.get("Uploads", []):
+                    if stale.get("Key") == full_key and "UploadId" in stale:
+                        s3.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=stale["UploadId"])
+        except (BotoCoreError, ClientError) as exc:
+            reason = self._error(exc, "clean up")
+            log.warning("open uploads of s3://%s/%s not cleaned up: %s", self.bucket, full_key, reason)
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         sha = hashlib.sha256(data).hexdigest()

@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 from kling_tasks.storage import LocalSink, S3Sink, Sink
 
 DUMMY_SECRET = "dummy-secret-SHOULD-NEVER-APPEAR"
+CHUNK = 1024 * 1024  # the source writes (and can pause) at this granularity
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +69,7 @@ class Route:
     status: int = 200
     mode: str = "ok"  # ok | cut (announce everything, send half, hang up) | nolength | redirect
     location: str = ""
+    pause_after: int | None = None  # send this many bytes, then wait for Source.resume before the rest
 
 
 class Source:
@@ -76,11 +78,18 @@ class Source:
     def __init__(self) -> None:
         self.routes: dict[str, Route] = {}
         self.hits: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # body bytes handed to the socket, per path
+        self.resume = threading.Event()
         source = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def _send(self, data: bytes) -> None:
+                for start in range(0, len(data), CHUNK):
+                    self.wfile.write(data[start : start + CHUNK])
+                    source.sent[self.path] += len(data[start : start + CHUNK])
 
             def do_GET(self) -> None:
                 source.hits[self.path] += 1
@@ -96,9 +105,16 @@ class Source:
                 if route.mode != "nolength":
                     self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
-                sent = route.body[: len(route.body) // 2] if route.mode == "cut" else route.body
-                self.wfile.write(sent)
+                body = route.body[: len(route.body) // 2] if route.mode == "cut" else route.body
                 self.close_connection = True
+                cut = len(body) if route.pause_after is None else route.pause_after
+                try:
+                    self._send(body[:cut])
+                    if cut < len(body):
+                        source.resume.wait(60)
+                        self._send(body[cut:])
+                except OSError:  # the client is gone (killed on purpose)
+                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
@@ -113,6 +129,7 @@ class Source:
         return f"http://{host}:{port}{path}"
 
     def close(self) -> None:
+        self.resume.set()
         self.server.shutdown()
         self.server.server_close()
 
