@@ -206,8 +206,8 @@ async def test_weak_lookups_duplicate_ids_and_dropped_answers_never_pay_twice(
     planned = [step.external_task_id for step in plan_job(job).steps]
     assert stats["create_attempts"] == {ext: 1 for ext in planned}, "one POST per step"
     assert stats["tasks_created"] == {ext: 1 for ext in planned}, "one task per step, none outside the plan"
-    manifest = json.loads((Path(uri).parent / "manifest.json").read_text())
-    assert hashlib.sha256(Path(uri).read_bytes()).hexdigest() == served_sha256(emulator, manifest["steps"][-1]["task_id"])
+    last = json.loads((Path(uri).parent / "manifest.json").read_text())["steps"][-1]
+    assert hashlib.sha256(Path(uri).read_bytes()).hexdigest() == served_sha256(emulator, last["task_id"])
 
 
 def test_bad_settings_and_an_oversized_image_are_one_line_before_any_request(

@@ -51,7 +51,7 @@ def test_round_trip(sink: Sink) -> None:
     assert loaded == manifest
     assert loaded is not None and loaded.credits_charged == 1.5
     raw = sink.read_bytes("job1/manifest.json")
-    assert raw is not None and raw.startswith(b'{\n  "schema_version": 1,')  # pretty JSON, versioned
+    assert raw is not None and raw.startswith(b'{\n  "schema_version": 2,')  # pretty JSON, versioned
     assert json.loads(raw)["credits_charged"] == 1.5  # the computed total is written for readers too
 
 
