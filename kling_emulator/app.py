@@ -11,73 +11,65 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from fastapi.responses import JSONResponse, Response
 
 from kling_emulator import catalog, render
 from kling_emulator.auth import check_bearer, check_kling_jwt
+from kling_emulator.behaviour import Behaviour
+from kling_emulator.drops import DroppedConnection, expose_cycle
 from kling_emulator.engine import Engine, Task
 from kling_emulator.errors import ApiError, bad_param, envelope, error_response
-from kling_emulator.faults import MESSAGE_OF_CODE, STATUS_OF_CODE, Faults, Rule
+from kling_emulator.faults import MESSAGE_OF_CODE, STATUS_OF_CODE, Faults, Rule, parse_profile
+from kling_emulator.files import Served, file_response
 from kling_emulator.validation import validate_extension, validate_generation, watermark
 
 log = logging.getLogger(__name__)
 
 
-_CYCLE = "kling_emulator.cycle"  # scope key: uvicorn's per-request cycle, which owns the transport
-
-
-class DroppedConnection(Response):
-    """Sends `partial` (if any) and then closes the connection: the client sees it die (httpx raises
-    RemoteProtocolError), with or without a status line.
-
-    Closing the transport ourselves, and waiting until uvicorn has seen the disconnect, keeps uvicorn from
-    answering 500 or logging an error for an injected fault. Without uvicorn's cycle (another server) it falls
-    back to starting a response and raising, which also kills the connection, only noisily.
-    """
-
-    def __init__(self, partial: bytes | None = None, total: int = 0, content_type: str = "application/json"):
-        super().__init__()
-        self.partial, self.total, self.kind = partial, total, content_type
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        cycle = scope.get(_CYCLE)
-        if self.partial is not None or cycle is None:
-            headers = [(b"content-length", str(max(self.total, 1000)).encode()),
-                       (b"content-type", self.kind.encode())]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": self.partial or b"{", "more_body": True})
-        if cycle is None:
-            raise ConnectionAbortedError("kling-emulator: connection dropped on purpose (fault injection)")
-        cycle.transport.close()  # flushes what was sent, then FIN
-        for _ in range(200):
-            if getattr(cycle, "disconnected", True):
-                return
-            await asyncio.sleep(0.005)
-
-
-def _expose_cycle(app: Any) -> Any:
-    """Outermost ASGI layer: remember uvicorn's request cycle (the owner of its bound `send`)."""
-
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        owner = getattr(send, "__self__", None)
-        if scope["type"] == "http" and hasattr(owner, "transport"):
-            scope[_CYCLE] = owner
-        await app(scope, receive, send)
-
-    return wrapped
-
-
 class Emulator:
     def __init__(self, engine: Engine, faults: Faults, *, provider: str, access_key: str, secret_key: str,
-                 api_key: str):
+                 api_key: str, behaviour: Behaviour | None = None, pad_bytes: int = 0):
         self.engine, self.faults, self.provider = engine, faults, provider
         self.access_key, self.secret_key, self.api_key = access_key, secret_key, api_key
         self.prefix = "/kling" if provider == "cometapi" else ""
         self.base_url = ""  # set by the server once bound; requests fall back to their own base URL
+        self.default_behaviour = behaviour or Behaviour()  # what POST /_emulator/reset restores
+        self.behaviour = self.default_behaviour  # frozen: replaced whole, so readers never see half a change
+        self.pad_bytes = pad_bytes
 
     def base(self, request: Request) -> str:
         return self.base_url or str(request.base_url).rstrip("/")
+
+    def view(self, task: Task, base_url: str) -> dict[str, Any]:
+        """The task object as this provider reports it (its word for `submitted`, if it has one)."""
+        data = task.to_api(base_url)
+        data["task_status"] = self.behaviour.status_word(data["task_status"])
+        return data
+
+    # --- run-time configuration ------------------------------------------------------------------------------
+    def configure(self, profile: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
+        """A fault profile: its rules replace the rules, its `behaviour` switches are set (the others stay).
+        All or nothing: a bad rule or switch changes nothing (ValueError)."""
+        rules, switches = parse_profile(profile)
+        behaviour = self.behaviour.updated(switches)
+        self.faults.set_rules(rules)
+        self.behaviour = behaviour
+        return {"rules": len(rules), "behaviour": behaviour.as_dict()}
+
+    def set_behaviour(self, switches: Any) -> dict[str, Any]:
+        self.behaviour = self.behaviour.updated(switches)
+        return self.behaviour.as_dict()
+
+    def reset(self) -> None:
+        """Forget tasks, counters and pending callbacks; back to the configured behaviour (rules stay)."""
+        self.engine.reset()
+        self.behaviour = self.default_behaviour
+
+    def pick(self, event: str) -> Rule | None:
+        rule = self.faults.pick(event)
+        if rule is not None:
+            self.engine.count("faults_fired", rule.kind)
+        return rule
 
     def authenticate(self, request: Request) -> None:
         header = request.headers.get("authorization")
@@ -87,8 +79,7 @@ class Emulator:
             check_kling_jwt(header, self.access_key, self.secret_key)
 
     def count(self, key: str) -> None:
-        with self.engine.lock:
-            self.engine.stats.requests[key] += 1
+        self.engine.count("requests", key)
 
     async def apply(self, rule: Rule | None) -> Response | None:
         """Faults that act before the request is handled."""
@@ -117,10 +108,11 @@ class Emulator:
         if not isinstance(body, dict):
             return error_response(ApiError(400, 1200, "request body must be a JSON object"))
         ext = body.get("external_task_id")
-        if isinstance(ext, str):
-            with self.engine.lock:
-                self.engine.stats.create_attempts[ext] += 1
-        rule = self.faults.pick(f"create:{kind}")
+        if isinstance(ext, str):  # every POST carrying one, whatever becomes of it
+            self.engine.count("create_attempts", ext)
+        if kind not in catalog.KINDS:
+            return error_response(ApiError(404, 1202, f"unknown endpoint {kind}"))
+        rule = self.pick(f"create:{kind}")
         early = await self.apply(rule)
         if early is not None:
             return early
@@ -131,13 +123,14 @@ class Emulator:
             return error_response(error)
         if rule is not None and rule.kind == "drop_after_commit":
             return DroppedConnection()
-        return JSONResponse(envelope(task.to_api(self.base(request))))
+        return JSONResponse(envelope(self.view(task, self.base(request))))
 
     def _create(self, kind: str, body: dict[str, Any], rule: Rule | None) -> Task:
         fail = str(rule.params.get("message", "Failure to pass the risk control system")) \
             if rule is not None and rule.kind == "task_fail" else None
         common = {"external_task_id": body.get("external_task_id"), "callback_url": body.get("callback_url"),
-                  "fail_message": fail, "watermark": watermark(body)}
+                  "fail_message": fail, "watermark": watermark(body),
+                  "unique_external_id": self.behaviour.unique_external_ids}
         if kind != "video-extend":
             spec = validate_generation(kind, body)
             frames = render.frames_for(float(spec["duration"]))
@@ -165,33 +158,36 @@ class Emulator:
     # --- queries ---------------------------------------------------------------------------------------------
     async def get_one(self, kind: str, ident: str, request: Request) -> Response:
         self.count(f"GET {self.prefix}/v1/videos/{kind}/{{id}}")
-        early = await self.apply(self.faults.pick(f"get:{kind}"))
+        early = await self.apply(self.pick(f"get:{kind}"))
         if early is not None:
             return early
-        return self._one(kind, ident, request)
+        return self._one(kind, ident, request, by_external=self.behaviour.lookup_path == "on")
 
-    def _one(self, kind: str, ident: str, request: Request) -> Response:
+    def _one(self, kind: str, ident: str, request: Request, by_external: bool = True) -> Response:
         try:
             self.authenticate(request)
         except ApiError as error:
             return error_response(error)
-        task = self.engine.find(kind, ident) if kind in catalog.KINDS else None
+        task = self.engine.find(kind, ident, by_external) if kind in catalog.KINDS else None
         if task is None:
             return error_response(ApiError(404, 1203, f"task {ident} does not exist"))
-        with self.engine.lock:
-            self.engine.stats.polls[task.task_id] += 1
-        return JSONResponse(envelope(task.to_api(self.base(request))))
+        self.engine.count("polls", task.task_id)
+        return JSONResponse(envelope(self.view(task, self.base(request))))
 
     async def list(self, kind: str, request: Request) -> Response:
         self.count(f"GET {self.prefix}/v1/videos/{kind}")
-        early = await self.apply(self.faults.pick(f"list:{kind}"))
+        early = await self.apply(self.pick(f"list:{kind}"))
         if early is not None:
             return early
         ext = request.query_params.get("external_task_id")
-        if ext is not None:  # the query-string form of the lookup (reference §3.6)
+        lookup = self.behaviour.lookup_query
+        if ext is not None and lookup == "filter":  # the query-string form of the lookup (reference §3.6)
             return self._one(kind, ext, request)
         try:
             self.authenticate(request)
+            if ext is not None and lookup == "empty":
+                return JSONResponse(envelope([]))
+            # lookup "ignored": the filter is not understood, so this is the plain list page
             page, size = (_int_param(request, name, default, top)
                           for name, default, top in (("pageNum", 1, 1000), ("pageSize", 30, 500)))
         except ApiError as error:
@@ -199,29 +195,26 @@ class Emulator:
         with self.engine.lock:
             tasks = sorted((t for t in self.engine.tasks.values() if t.kind == kind),
                            key=lambda t: t.created_at, reverse=True)
-            data = [t.to_api(self.base(request)) for t in tasks[(page - 1) * size: page * size]]
+            data = [self.view(t, self.base(request)) for t in tasks[(page - 1) * size: page * size]]
         return JSONResponse(envelope(data))
 
     # --- files -----------------------------------------------------------------------------------------------
-    async def download(self, video_id: str) -> Response:
+    async def download(self, video_id: str, request: Request) -> Response:
         task = self.engine.by_video(video_id)
-        with self.engine.lock:
-            self.engine.stats.downloads[video_id] += 1
+        self.engine.count("downloads", video_id)
         if task is None or not task.rendered:
             return JSONResponse({"message": "not found"}, status_code=404)
         if self.engine.expired(task):  # past --result-ttl: gone for good
             return JSONResponse({"message": "URL expired"}, status_code=410)
-        rule = self.faults.pick("download")
+        rule = self.pick("download")
         if rule is not None and rule.kind == "url_expired":  # what an expired signed CDN link answers
             return JSONResponse({"message": "URL expired"}, status_code=int(rule.params.get("status", 403)))
         early = await self.apply(rule)
         if early is not None:
             return early
-        path = self.engine.path_of(video_id)
-        if rule is not None and rule.kind == "download_cut":
-            data = path.read_bytes()
-            return DroppedConnection(data[: len(data) // 2], len(data), "video/mp4")
-        return FileResponse(path, media_type="video/mp4")
+        served = Served(self.engine.path_of(video_id), self.pad_bytes)
+        return file_response(served, request.headers.get("range"), rule,
+                             lambda sent: self.engine.count("download_bytes", video_id, sent))
 
 
 def _int_param(request: Request, name: str, default: int, top: int) -> int:
@@ -252,14 +245,14 @@ async def _announce(emulator: Emulator, outbox: asyncio.Queue[Task], client: htt
     while True:
         snapshot = await outbox.get()
         try:
-            await client.post(snapshot.callback_url or "", json=snapshot.to_api(emulator.base_url), timeout=5)
+            await client.post(snapshot.callback_url or "", json=emulator.view(snapshot, emulator.base_url), timeout=5)
         except httpx.HTTPError as exc:
             log.info("callback to %s failed: %s", snapshot.callback_url, exc)
 
 
 def asgi_app(emulator: Emulator) -> Any:
     """What uvicorn serves: the FastAPI app behind the layer that lets faults drop connections quietly."""
-    return _expose_cycle(create_app(emulator))
+    return expose_cycle(create_app(emulator))
 
 
 def create_app(emulator: Emulator) -> FastAPI:
@@ -278,8 +271,6 @@ def create_app(emulator: Emulator) -> FastAPI:
 
     @app.post(p + "/v1/videos/{kind}")
     async def create(kind: str, request: Request) -> Response:
-        if kind not in catalog.KINDS:
-            return error_response(ApiError(404, 1202, f"unknown endpoint {kind}"))
         return await emulator.create(kind, request)
 
     @app.get(p + "/v1/videos/{kind}")
@@ -298,25 +289,37 @@ def create_app(emulator: Emulator) -> FastAPI:
             return await emulator.get_one(action2, task_id, request)
 
     @app.get("/_files/{video_id}.mp4")
-    async def download(video_id: str) -> Response:
-        return await emulator.download(video_id)
+    async def download(video_id: str, request: Request) -> Response:
+        return await emulator.download(video_id, request)
 
     @app.get("/_emulator/stats")
     async def stats() -> dict[str, Any]:
-        return emulator.engine.snapshot_stats()
+        return {**emulator.engine.snapshot_stats(), "behaviour": emulator.behaviour.as_dict()}
 
     @app.post("/_emulator/reset")
     async def reset() -> dict[str, str]:
-        emulator.engine.reset()
+        emulator.reset()
         return {"status": "reset"}
 
     @app.post("/_emulator/faults")
     async def faults(request: Request) -> Response:
-        try:  # an empty body (or null) clears the rules
-            raw = await request.body()
-            emulator.faults.replace(json.loads(raw) if raw.strip() else None)
-        except (ValueError, TypeError) as exc:
-            return JSONResponse({"message": str(exc)}, status_code=400)
-        return JSONResponse({"rules": len(emulator.faults.rules)})
+        return await _configure(request, emulator.configure)  # an empty body (or null) clears the rules
+
+    @app.get("/_emulator/behaviour")
+    async def behaviour() -> dict[str, Any]:
+        return emulator.behaviour.as_dict()
+
+    @app.post("/_emulator/behaviour")
+    async def set_behaviour(request: Request) -> Response:
+        return await _configure(request, emulator.set_behaviour)  # sets only the switches given
 
     return app
+
+
+async def _configure(request: Request, apply: Any) -> Response:
+    """Run `apply` on the JSON body (empty = None); 400 with the reason if the body or its content is wrong."""
+    try:
+        raw = await request.body()
+        return JSONResponse(apply(json.loads(raw) if raw.strip() else None))
+    except (ValueError, TypeError) as exc:
+        return JSONResponse({"message": str(exc)}, status_code=400)

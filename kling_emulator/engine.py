@@ -83,6 +83,8 @@ class Stats:
     create_attempts: Counter[str] = field(default_factory=Counter)
     polls: Counter[str] = field(default_factory=Counter)
     downloads: Counter[str] = field(default_factory=Counter)
+    download_bytes: Counter[str] = field(default_factory=Counter)  # body bytes handed to the connection
+    faults_fired: Counter[str] = field(default_factory=Counter)  # per fault kind
     concurrency_high_water: int = 0
 
 
@@ -102,12 +104,15 @@ class Engine:
         self._load()
 
     # --- lookups ---------------------------------------------------------------------------------------------
-    def find(self, kind: str, ident: str) -> Task | None:
-        """By task_id, then by external_task_id (the path form of the lookup, reference §3.6)."""
+    def find(self, kind: str, ident: str, by_external: bool = True) -> Task | None:
+        """By task_id, then (unless `by_external` is off) by external_task_id: the newest task carrying it, as
+        there can be several when unique external ids are not enforced (reference §3.6)."""
         with self.lock:
             task = self.tasks.get(ident)
-            if task is None:
-                task = next((t for t in self.tasks.values() if t.external_task_id == ident), None)
+            if task is None and by_external:
+                # max() keeps the first of equal timestamps: walking backwards, that is the one created last.
+                task = max((t for t in reversed(self.tasks.values()) if t.external_task_id == ident),
+                           key=lambda t: t.created_at, default=None)
             if task is None or task.kind != kind:
                 return None
             self._advance(task, time.time())
@@ -123,9 +128,9 @@ class Engine:
     # --- creation --------------------------------------------------------------------------------------------
     def create(self, kind: str, *, model: str, mode: str, aspect_ratio: str, frames: list[int], price: float,
                external_task_id: str | None, callback_url: str | None, fail_message: str | None,
-               parent: Task | None = None, watermark: bool = False) -> Task:
+               parent: Task | None = None, watermark: bool = False, unique_external_id: bool = True) -> Task:
         with self.lock:
-            if external_task_id is not None and any(
+            if unique_external_id and external_task_id is not None and any(
                 t.external_task_id == external_task_id for t in self.tasks.values()
             ):
                 raise bad_param(f"external_task_id {external_task_id} already exists")
@@ -170,6 +175,11 @@ class Engine:
 
     def path_of(self, video_id: str) -> Path:
         return self.files / f"{video_id}.mp4"
+
+    def count(self, counter: str, key: str, amount: int = 1) -> None:
+        """Add to one of the Stats counters (e.g. "downloads", "download_bytes")."""
+        with self.lock:
+            getattr(self.stats, counter)[key] += amount
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def tick(self) -> list[Task]:
@@ -249,10 +259,13 @@ class Engine:
                 "create_attempts": dict(self.stats.create_attempts),
                 "tasks_created": dict(created),
                 "tasks": {t.task_id: {"kind": t.kind, "status": t.status, "external_task_id": t.external_task_id,
-                                      "created_at": t.created_at, "video_id": t.video_id}
+                                      "created_at": t.created_at, "updated_at": t.updated_at,
+                                      "video_id": t.video_id}
                           for t in self.tasks.values()},
                 "polls": dict(self.stats.polls),
                 "concurrency_high_water": self.stats.concurrency_high_water,
                 "credits_charged": self.credits_charged(),
                 "downloads": dict(self.stats.downloads),
+                "download_bytes": dict(self.stats.download_bytes),
+                "faults_fired": dict(self.stats.faults_fired),
             }

@@ -6,7 +6,10 @@ Profile (YAML or JSON, from --faults FILE or POST /_emulator/faults):
       - match: create:video-extend     # create:KIND | create:* | get:KIND | get:* | list:KIND | list:* | download | any
         kind: drop_after_commit        # see KINDS
         probability: 0.5               # or: sequence: [true, false, true]   or: times: 2   (none: always)
-        params: {}                     # seconds (slow), code/status/message (http_error), message (task_fail)
+        params: {}                     # seconds (slow), code/status/message (http_error), message (task_fail),
+                                       # after_bytes/seconds (slow_stream)
+    behaviour:                         # optional: weak-provider switches (see behaviour.py)
+      lookup_query: ignored
 
 KIND is text2video, image2video or video-extend. Rules are tried in order; the first that applies to the
 event and fires wins (a rule whose sequence is used up, or whose times are spent, no longer fires).
@@ -31,7 +34,10 @@ KINDS = {
     "task_fail",  # the created task ends `failed` with params.message
     "download_cut",  # the download announces its full length, sends half, then closes
     "url_expired",  # the result URL answers 403 as if expired
+    "slow_stream",  # the download pauses params.seconds after params.after_bytes, then sends the rest
 }
+SLOW_STREAM_AFTER = 5 * 1024 * 1024 + 64 * 1024  # just past one 5 MiB S3 part
+SLOW_STREAM_SECONDS = 5.0
 # The HTTP status of each business code (reference §11), so an http_error rule may give only the code.
 STATUS_OF_CODE = {1000: 401, 1001: 401, 1002: 401, 1003: 401, 1004: 401, 1100: 429, 1101: 429, 1102: 429,
                   1103: 403, 1200: 400, 1201: 400, 1202: 404, 1203: 404, 1300: 400, 1301: 400, 1302: 429,
@@ -45,7 +51,7 @@ APPLIES_TO = {
     "create": {"http_error", "pack_exhausted", "drop_before", "drop_after_commit", "slow", "task_fail"},
     "get": {"http_error", "drop_before", "slow"},
     "list": {"http_error", "drop_before", "slow"},
-    "download": {"download_cut", "url_expired", "slow", "drop_before"},
+    "download": {"download_cut", "url_expired", "slow", "drop_before", "slow_stream"},
 }
 
 
@@ -72,6 +78,12 @@ class Rule:
             raise ValueError("probability must be in [0, 1]")
         if not isinstance(self.params, dict):
             raise ValueError("params must be a mapping")
+        if self.kind == "slow_stream":
+            after, seconds = self.params.get("after_bytes", 0), self.params.get("seconds", 0)
+            if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+                raise ValueError("slow_stream params.after_bytes must be a whole number of bytes >= 0")
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+                raise ValueError("slow_stream params.seconds must be a number >= 0")
         self.sequence = None if self.sequence is None else [bool(x) for x in self.sequence]
 
     def matches(self, event: str) -> bool:
@@ -91,6 +103,27 @@ class Rule:
         return random.random() < (1.0 if self.probability is None else self.probability)
 
 
+def parse_profile(profile: dict[str, Any] | list[Any] | None) -> tuple[list[Rule], dict[str, Any] | None]:
+    """(the rules, the `behaviour` mapping or None) of a profile; ValueError if it is malformed."""
+    behaviour = None
+    if isinstance(profile, dict):
+        unknown = set(profile) - {"rules", "behaviour"}
+        if unknown:
+            raise ValueError(f"unknown profile key {', '.join(sorted(map(str, unknown)))} (known: rules, behaviour)")
+        raw, behaviour = profile.get("rules"), profile.get("behaviour")
+        if behaviour is not None and not isinstance(behaviour, dict):
+            raise ValueError("behaviour must be a mapping of switches")
+    else:
+        raw = profile
+    raw = raw or []
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ValueError("a fault profile is {rules: [...], behaviour: {...}} or a list of rules")
+    try:
+        return [Rule(**item) for item in raw], behaviour
+    except TypeError as exc:  # an unknown rule field
+        raise ValueError(str(exc)) from None
+
+
 class Faults:
     def __init__(self, profile: dict[str, Any] | list[Any] | None = None):
         self._lock = threading.Lock()
@@ -98,10 +131,10 @@ class Faults:
         self.replace(profile)
 
     def replace(self, profile: dict[str, Any] | list[Any] | None) -> None:
-        raw = (profile.get("rules") if isinstance(profile, dict) else profile) or []
-        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
-            raise ValueError("a fault profile is {rules: [...]} or a list of rules")
-        rules = [Rule(**item) for item in raw]
+        """Replace the rules by the profile's (its `behaviour` is the caller's business)."""
+        self.set_rules(parse_profile(profile)[0])
+
+    def set_rules(self, rules: list[Rule]) -> None:
         with self._lock:
             self.rules = rules
 

@@ -15,8 +15,10 @@ import httpx
 import uvicorn
 
 from kling_emulator.app import Emulator, asgi_app
+from kling_emulator.behaviour import Behaviour
 from kling_emulator.engine import Engine
-from kling_emulator.faults import Faults, load_profile
+from kling_emulator.faults import Faults, load_profile, parse_profile
+from kling_emulator.files import check_pad
 
 THIRTY_DAYS = 30 * 24 * 3600.0
 
@@ -35,7 +37,23 @@ class EmulatorConfig:
     resolution: str = "small"  # or "720p"
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port
+    # Served MP4s end with an MP4 `free` box of this many bytes (0 = none): large files, same frames.
+    pad_bytes: int = 0
+    # Weak-provider switches (behaviour.py); a `behaviour:` mapping in `faults` overrides them.
+    lookup_query: str = "filter"  # filter | ignored | empty
+    lookup_path: str = "on"  # on | off
+    unique_external_ids: bool = True
+    queued_status_word: str | None = None  # e.g. "queueing" instead of "submitted"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def behaviour(self) -> Behaviour:
+        """The configured defaults: the fields above, then the fault profile's `behaviour:` on top."""
+        base = Behaviour(lookup_query=self.lookup_query, lookup_path=self.lookup_path,
+                         unique_external_ids=self.unique_external_ids, queued_status_word=self.queued_status_word)
+        return base.updated(parse_profile(self.profile())[1])
+
+    def profile(self) -> dict[str, Any] | list[Any] | None:
+        return load_profile(self.faults) if isinstance(self.faults, Path | str) else self.faults
 
 
 def build(config: EmulatorConfig) -> tuple[Emulator, Path | None]:
@@ -45,11 +63,11 @@ def build(config: EmulatorConfig) -> tuple[Emulator, Path | None]:
     assert files is not None
     if config.state_dir:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+    profile, behaviour, pad = config.profile(), config.behaviour(), check_pad(config.pad_bytes)  # fail early
     engine = Engine(time_scale=config.time_scale, concurrency=config.concurrency, resolution=config.resolution,
                     result_ttl_seconds=config.result_ttl_seconds, state_dir=config.state_dir, files_dir=files)
-    profile = load_profile(config.faults) if isinstance(config.faults, Path | str) else config.faults
     emulator = Emulator(engine, Faults(profile), provider=config.provider, access_key=config.access_key,
-                        secret_key=config.secret_key, api_key=config.api_key)
+                        secret_key=config.secret_key, api_key=config.api_key, behaviour=behaviour, pad_bytes=pad)
     return emulator, scratch
 
 
@@ -77,12 +95,19 @@ class EmulatorHandle:
         return httpx.get(f"{self.base_url}/_emulator/stats", timeout=10).json()  # type: ignore[no-any-return]
 
     def reset(self) -> None:
+        """Forget tasks and counters; the behaviour goes back to the configured one (fault rules stay)."""
         httpx.post(f"{self.base_url}/_emulator/reset", timeout=10).raise_for_status()
 
-    def set_faults(self, profile: dict[str, Any] | list[Any] | None) -> None:
-        """Replace the fault rules; None clears them."""
+    def set_faults(self, profile: dict[str, Any] | list[Any] | None) -> dict[str, Any]:
+        """Replace the fault rules (None clears them) and set the profile's `behaviour:` switches, if any.
+        Returns {"rules": N, "behaviour": {...}}."""
         body = {"rules": []} if profile is None else profile
-        httpx.post(f"{self.base_url}/_emulator/faults", json=body, timeout=10).raise_for_status()
+        return _ok(httpx.post(f"{self.base_url}/_emulator/faults", json=body, timeout=10))
+
+    def set_behaviour(self, **switches: Any) -> dict[str, Any]:
+        """Set weak-provider switches now, e.g. set_behaviour(lookup_query="ignored"); the others stay.
+        Returns the whole behaviour. reset() goes back to the configured one."""
+        return _ok(httpx.post(f"{self.base_url}/_emulator/behaviour", json=switches, timeout=10))
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -97,6 +122,13 @@ class EmulatorHandle:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code != 200:  # an HTTPStatusError, as raise_for_status() gives, but saying why
+        raise httpx.HTTPStatusError(f"kling-emulator refused it: {response.text}", request=response.request,
+                                    response=response)
+    return response.json()  # type: ignore[no-any-return]
 
 
 def start_emulator(config: EmulatorConfig | None = None) -> EmulatorHandle:

@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,18 @@ def make_token(ak: str = AK, sk: str = SK, exp: float | None = 1800, nbf: float 
     payload: dict[str, Any] = {"iss": ak, "exp": None if exp is None else now + exp,
                                "nbf": None if nbf is None else now + nbf}
     return jwt.encode({k: v for k, v in payload.items() if v is not None}, sk, headers={"typ": "JWT"})
+
+
+def until(condition: Callable[[], Any], timeout: float = 10, what: str = "the condition") -> Any:
+    """Poll `condition` until it returns something truthy (returned); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.01)
 
 
 def free_port() -> int:
@@ -208,6 +220,7 @@ class Tools:
     AK, SK, API_KEY, SCALE = AK, SK, API_KEY, SCALE
     make_token = staticmethod(make_token)
     free_port = staticmethod(free_port)
+    until = staticmethod(until)
     port_is_free = staticmethod(port_is_free)
     download = staticmethod(download)
     decode = staticmethod(decode)

@@ -18,22 +18,25 @@ def test_stats_count_what_happened(kling: Any) -> None:
     polls_before = kling.stats()["polls"][task_id]
     kling.task("text2video", task_id)
     kling.get("/v1/videos/text2video")
-    httpx.get(video["task_result"]["videos"][0]["url"]).raise_for_status()
+    size = len(httpx.get(video["task_result"]["videos"][0]["url"]).raise_for_status().content)
     kling.post("text2video", {"prompt": "dup", "external_task_id": "s-1"})
     stats = kling.stats()
     assert set(stats) >= {"requests", "create_attempts", "tasks_created", "tasks", "polls",
-                          "concurrency_high_water", "credits_charged", "downloads"}
+                          "concurrency_high_water", "credits_charged", "downloads", "download_bytes",
+                          "faults_fired", "behaviour"}
     assert stats["requests"]["POST /v1/videos/text2video"] == 2
     assert stats["requests"]["GET /v1/videos/text2video"] == 1
     assert stats["requests"]["GET /v1/videos/text2video/{id}"] == polls_before + 1
     assert stats["polls"] == {task_id: polls_before + 1}
     assert stats["create_attempts"] == {"s-1": 2} and stats["tasks_created"] == {"s-1": 1}
     assert stats["tasks"][task_id] == {"kind": "text2video", "status": "succeed", "external_task_id": "s-1",
-                                       "created_at": video["created_at"],
+                                       "created_at": video["created_at"], "updated_at": video["updated_at"],
                                        "video_id": video["task_result"]["videos"][0]["id"]}
     assert stats["concurrency_high_water"] == 1
     assert stats["credits_charged"] == 2
     assert stats["downloads"] == {video["task_result"]["videos"][0]["id"]: 1}
+    assert stats["download_bytes"] == {video["task_result"]["videos"][0]["id"]: size}
+    assert stats["faults_fired"] == {}
 
 
 def test_cometapi_stats_use_its_paths(comet: Any) -> None:
@@ -50,6 +53,7 @@ def test_reset_forgets_tasks_and_counters(kling: Any) -> None:
     stats = kling.stats()
     assert stats["tasks"] == {} and stats["requests"] == {} and stats["create_attempts"] == {}
     assert stats["concurrency_high_water"] == 0 and stats["credits_charged"] == 0
+    assert stats["downloads"] == stats["download_bytes"] == stats["faults_fired"] == {}
     assert kling.get(f"/v1/videos/text2video/{task_id}").status_code == 404
     assert kling.create(external_task_id="r-1")["task_info"] == {"external_task_id": "r-1"}, "the id is free again"
 

@@ -76,6 +76,38 @@ def test_cli_cometapi_mode(tmp_path: Path, tools: Any) -> None:
         process.wait(timeout=15)
 
 
+def test_cli_weak_provider_flags_and_padding(tools: Any) -> None:
+    port = tools.free_port()
+    args = [CLI, "serve", "--port", str(port), "--access-key", tools.AK, "--secret-key", tools.SK,
+            "--time-scale", "0.001", "--lookup-query", "empty", "--lookup-path", "off", "--no-unique-external-ids",
+            "--queued-status-word", "queueing", "--pad-bytes", "4096"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/_emulator/stats", process)
+        assert httpx.get(f"{base}/_emulator/behaviour").json() == {
+            "lookup_query": "empty", "lookup_path": "off", "unique_external_ids": False,
+            "queued_status_word": "queueing"}
+        headers = {"Authorization": f"Bearer {tools.make_token()}"}
+        created = httpx.post(f"{base}/v1/videos/text2video", json={"prompt": "a boat"}, headers=headers)
+        assert created.json()["data"]["task_status"] == "queueing"
+        path = f"{base}/v1/videos/text2video/{created.json()['data']['task_id']}"
+        video = tools.until(lambda: httpx.get(path, headers=headers).json()["data"]["task_result"].get("videos"),
+                            what="the video")[0]
+        served = httpx.get(video["url"]).content
+        assert served[-4096:-4088] == (4096).to_bytes(4, "big") + b"free"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+
+
+def test_cli_refuses_a_bad_switch() -> None:
+    for flags in (["--lookup-query", "sometimes"], ["--pad-bytes", "4"]):
+        done = subprocess.run([CLI, "serve", "--port", "0", *flags], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "lookup_query" in done.stderr or "pad_bytes" in done.stderr, done.stderr
+
+
 def test_in_process_helper_binds_a_free_port_and_frees_it(tools: Any) -> None:
     AK, SK, make_token = tools.AK, tools.SK, tools.make_token
     port_is_free, free_port = tools.port_is_free, tools.free_port
