@@ -178,9 +178,10 @@ class CallbackReceiver:
     """A local HTTP server on a free port collecting the JSON bodies POSTed to it."""
 
     def __init__(self) -> None:
-        self.delay = 0.0  # seconds before answering the next call (once): a slow receiver
         self.bodies: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self._hold_next = False  # hold() : the next call is recorded, then not answered until release()
+        self._released = threading.Event()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -188,8 +189,9 @@ class CallbackReceiver:
                 length = int(self.headers.get("Content-Length", 0))
                 receiver.bodies.append(json.loads(self.rfile.read(length)))
                 receiver.paths.append(self.path)
-                delay, receiver.delay = receiver.delay, 0.0
-                time.sleep(delay)
+                held, receiver._hold_next = receiver._hold_next, False
+                if held:
+                    receiver._released.wait(timeout=30)
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -202,7 +204,16 @@ class CallbackReceiver:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def hold(self) -> None:
+        """A stuck receiver: the next call is recorded but not answered until release()."""
+        self._released.clear()
+        self._hold_next = True
+
+    def release(self) -> None:
+        self._released.set()
+
     def close(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +86,19 @@ def _fetch(task: dict[str, Any], dest: Path, tools: Any) -> Path:
 
 
 def test_a_task_still_running_at_shutdown_finishes_after_the_restart(tools: Any, tmp_path: Path) -> None:
-    # The emulator stops while the task is still queued but after its file was rendered.
+    # The emulator stops while the task is still running (~2.5 s in all) but after its file was rendered
+    # (~0.05 s), which is saved to tasks.json the moment it happens.
     config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.008, state_dir=tmp_path)
     with start_emulator(config) as first:
         api = tools.Api(first)
         task_id = api.create()["task_id"]
-        time.sleep(0.15)  # rendered (~0.05 s), still `submitted` (~0.25 s): no status change has saved it yet
-        assert api.task("text2video", task_id)["task_status"] == "submitted"
+
+        def rendered() -> bool:
+            records = json.loads((tmp_path / "tasks.json").read_text())
+            return any(r["task_id"] == task_id and r["rendered"] for r in records)
+
+        tools.until(rendered, what="the render")
+        assert api.task("text2video", task_id)["task_status"] in ("submitted", "processing")
         api.http.close()
     with start_emulator(config) as second:
         api = tools.Api(second)

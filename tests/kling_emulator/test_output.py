@@ -84,9 +84,12 @@ def test_720p_on_request(tools: Any, tmp_path: Path) -> None:
         api.http.close()
 
 
+TTL = 2.0  # seconds; a task lives ~0.16 s, so the fresh download comes well within it
+
+
 @pytest.fixture(scope="module")
 def short_ttl(tools: Any) -> Iterator[Any]:
-    config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.0005, result_ttl_seconds=1.0)
+    config = EmulatorConfig(access_key=tools.AK, secret_key=tools.SK, time_scale=0.0005, result_ttl_seconds=TTL)
     with start_emulator(config) as handle:
         yield handle
 
@@ -96,8 +99,8 @@ def test_results_expire_after_the_ttl(short_ttl: Any, tools: Any, tmp_path: Path
     video = api.finished()
     url = video["task_result"]["videos"][0]["url"]
     tools.download(url, tmp_path / "fresh.mp4")
-    time.sleep(max(0.0, video["created_at"] / 1000 + 1.05 - time.time()))
-    assert api.http.get(url).status_code == 410
+    tools.until(lambda: api.http.get(url).status_code == 410, timeout=TTL + 10, what="the expiry")
+    assert time.time() >= video["created_at"] / 1000 + TTL - 0.01, "not before the TTL (the emulator's clock)"
     refused = api.post("video-extend", {"video_id": video["task_result"]["videos"][0]["id"]})
     assert (refused.status_code, refused.json()["code"]) == (400, 1201)
     assert "expired" in refused.json()["message"]
