@@ -188,11 +188,18 @@ def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-outpu
 @app.command()
 def demo(dest: Dest = "./demo-output",
          time_scale: Annotated[float, typer.Option(help="Emulator speed: 1.0 = Kling's real latencies.")] = 0.02,
+         port: Annotated[int, typer.Option(help="The emulator's port: part of its account's identity.")] = 18765,
          ) -> None:
     """Produce a 1 + 2 video on the bundled Kling emulator, into a local folder, on Prefect's embedded server."""
     from kling_emulator import EmulatorConfig, start_emulator
 
-    emulator = start_emulator(EmulatorConfig(time_scale=time_scale))
+    # One emulated account across demo runs: the same address (the account fingerprint includes the base URL)
+    # and its tasks kept next to the videos, so a second run finds every step it already paid for.
+    state = Path(dest) / ".kling-emulator"
+    try:
+        emulator = start_emulator(EmulatorConfig(time_scale=time_scale, port=port, state_dir=state))
+    except RuntimeError:
+        fail(f"the demo's Kling emulator cannot listen on 127.0.0.1:{port}; pass --port with a free port", 2)
     os.environ.update({
         "KLING_PROVIDER": "kling", "KLING_API_BASE_URL": emulator.base_url,
         "KLING_ACCESS_KEY": "emulator-ak", "KLING_SECRET_KEY": "emulator-secret-key-0123456789abcdef",
