@@ -128,9 +128,11 @@ class Emulator:
     def _create(self, kind: str, body: dict[str, Any], rule: Rule | None) -> Task:
         fail = str(rule.params.get("message", "Failure to pass the risk control system")) \
             if rule is not None and rule.kind == "task_fail" else None
-        common = {"external_task_id": body.get("external_task_id"), "callback_url": body.get("callback_url"),
-                  "fail_message": fail, "watermark": watermark(body),
-                  "unique_external_id": self.behaviour.unique_external_ids}
+        common: dict[str, Any] = {
+            "external_task_id": body.get("external_task_id"), "callback_url": body.get("callback_url"),
+            "fail_message": fail, "watermark": watermark(body),
+            "unique_external_id": self.behaviour.unique_external_ids,
+        }
         if kind != "video-extend":
             spec = validate_generation(kind, body)
             frames = render.frames_for(float(spec["duration"]))
