@@ -7,6 +7,8 @@ re-attaches to tasks still in flight.
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AbstractAsyncContextManager, nullcontext
 from datetime import UTC, date, datetime
 
 from prefect import flow, get_run_logger, tags
@@ -17,8 +19,9 @@ from kling_tasks.jobs import VideoJob
 from kling_tasks.preflight import prepare
 from kling_tasks.recorder import JobRecorder, default_observers
 from kling_tasks.settings import load_settings
+from kling_tasks.slots import account_slot, ensure_account_limit
 from kling_tasks.step_results import Rendered
-from kling_tasks.steps import store_proven, submit_step, wait_step
+from kling_tasks.steps import store_into_ledger, submit_step, wait_step
 
 
 class KlingStepFailed(RuntimeError):
@@ -60,28 +63,46 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
     run_tags = (f"provider:{settings.provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
     ledger = JobRecorder(prepared.sink, job, plan, settings.provider, prepared.previous, account=account,
                          replaced=prepared.replaced, observers=default_observers(prepared.sink, plan, run_tags))
+    await ensure_account_limit(account, settings.max_concurrency)
     parent: Rendered | None = None
+    stores: list[asyncio.Task[None]] = []
     with ledger, tags(*run_tags):
-        for step in plan.steps:
-            ext = step.external_task_id
-            submission = await submit_step(plan.job_id, step, job.generate, parent, account,
-                                           may_exist=ledger.may_exist(step), adopt_task_id=adopt.get(ext),
-                                           assume_not_created=ext in assumed)
-            ledger.submitted(step, submission)
-            try:
-                rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
-            except TaskFailedError as exc:
-                message = exc.snapshot.task_status_msg or "no reason given"
-                ledger.failed(step, message)
-                raise KlingStepFailed(
-                    f"Kling task {submission.task_id} ({step.name}) failed: {message}. "
-                    "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
-                ) from exc
-            ledger.succeeded(step, rendered)
-            stored = await store_proven(plan.job_id, step, step.kind, submission.task_id, job.dest, account,
-                                        ledger.proven_sha256(step, submission.task_id))
-            ledger.stored(step, stored)
-            parent = rendered
+        try:
+            for step in plan.steps:
+                raise_failed_store(stores)  # a destination that broke stops the job before it pays for more
+                ext = step.external_task_id
+                # A Kling task holds an account slot from just before its create until it is terminal.
+                slot: AbstractAsyncContextManager[None] = (
+                    nullcontext() if ledger.rendered_before(step)
+                    else account_slot(account, settings.max_concurrency, started=step.index > 0))
+                async with slot:
+                    submission = await submit_step(plan.job_id, step, job.generate, parent, account,
+                                                   may_exist=ledger.may_exist(step), adopt_task_id=adopt.get(ext),
+                                                   assume_not_created=ext in assumed)
+                    ledger.submitted(step, submission)
+                    try:
+                        rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
+                    except TaskFailedError as exc:
+                        message = exc.snapshot.task_status_msg or "no reason given"
+                        ledger.failed(step, message)
+                        raise KlingStepFailed(
+                            f"Kling task {submission.task_id} ({step.name}) failed: {message}. "
+                            "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
+                        ) from exc
+                ledger.succeeded(step, rendered)
+                # The store runs beside the next step's Kling time: the next extension needs only the video id.
+                stores.append(asyncio.create_task(
+                    store_into_ledger(ledger, step, submission.task_id, job.dest, account)))
+                parent = rendered
+        finally:
+            await asyncio.gather(*stores, return_exceptions=True)  # what was paid for is stored before we stop
+        raise_failed_store(stores)
         final = ledger.finish()
     logger.info("final video: %s (%d bytes, sha256 %s)", final.uri, final.size, final.sha256)
     return final.uri
+
+
+def raise_failed_store(stores: list[asyncio.Task[None]]) -> None:
+    for store in stores:
+        if store.done() and not store.cancelled() and store.exception() is not None:
+            raise store.exception()  # type: ignore[misc]

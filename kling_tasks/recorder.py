@@ -11,6 +11,7 @@ Tasks find the ledger of their job with `active(job_id)`: the flow opens it arou
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -100,6 +101,10 @@ class JobRecorder:
         self.sink = sink
         self.plan = plan
         self.observers = observers if observers is not None else []
+        # Transitions come from the flow and from worker threads (the write-ahead intent, concurrent stores):
+        # one at a time, so each save carries a consistent ledger and saves land in order.
+        self._lock = threading.RLock()
+        self._telling = threading.Lock()  # observers keep state (artifact ids): one notification at a time
         if replaced is not None:
             self._set_aside(replaced)
         kept = {record.external_task_id: record for record in (previous.steps if previous else [])}
@@ -139,15 +144,22 @@ class JobRecorder:
                            len(replaced.steps), key)
 
     def _notify(self, hook: str, *args: Any) -> None:
+        with self._telling:
+            with self._lock:  # observers read a copy: another thread may be recording the next transition
+                manifest = self.manifest.model_copy(deep=True)
+            self._tell(manifest, hook, *args)
+
+    def _tell(self, manifest: Manifest, hook: str, *args: Any) -> None:
         for observer in self.observers:
             try:
-                getattr(observer, hook)(self.manifest, *args)
+                getattr(observer, hook)(manifest, *args)
             except Exception as exc:  # observability must never fail (and so re-pay) a step
                 _warn(f"publishing the job's {hook} state ({type(observer).__name__})", exc)
 
     def save(self) -> None:
-        self.manifest.updated_at = _now()
-        save_manifest(self.sink, self.manifest)
+        with self._lock:
+            self.manifest.updated_at = _now()
+            save_manifest(self.sink, self.manifest)
 
     def record(self, step: PlannedStep) -> StepRecord:
         return self.manifest.steps[step.index]
@@ -155,14 +167,16 @@ class JobRecorder:
     def _transition(self, step: PlannedStep, stage: str, detail: dict[str, Any] | None = None,
                     **fields: Any) -> None:
         """Apply `fields` to the step's record; only a real change is written and announced."""
-        record = self.record(step)
-        if all(getattr(record, name) == value for name, value in fields.items()):
-            return
-        for name, value in fields.items():
-            setattr(record, name, value)
-        record.updated_at = _now()
-        self.save()
-        self._notify("changed", Transition(stage, record.model_copy(), detail or {}))
+        with self._lock:
+            record = self.record(step)
+            if all(getattr(record, name) == value for name, value in fields.items()):
+                return
+            for name, value in fields.items():
+                setattr(record, name, value)
+            record.updated_at = _now()
+            self.save()
+            snapshot = record.model_copy()
+        self._notify("changed", Transition(stage, snapshot, detail or {}))
 
     # ---- what the tasks need to know from the ledger -------------------------------------------------------
 
@@ -170,6 +184,11 @@ class JobRecorder:
         """An earlier run recorded the intent to create this step and never saw the answer."""
         record = self.record(step)
         return record.status == "submitting" and record.task_id is None
+
+    def rendered_before(self, step: PlannedStep) -> bool:
+        """Kling finished this step in an earlier run: resuming it needs no account slot."""
+        record = self.record(step)
+        return record.status in ("succeed", "stored") and record.video_id is not None
 
     def proven_sha256(self, step: PlannedStep, task_id: str) -> str | None:
         """The sha256 the ledger recorded for this very task's stored video (proof for a local file)."""
@@ -210,9 +229,10 @@ class JobRecorder:
         )
 
     def failed(self, step: PlannedStep, message: str) -> None:
-        self.manifest.status = "failed"
+        with self._lock:
+            self.manifest.status = "failed"
+            self.save()
         self._transition(step, "failed", status="failed", status_msg=message)
-        self.save()
         self._notify("failed")
 
     def stored(self, step: PlannedStep, stored: StoredObject) -> None:

@@ -209,3 +209,11 @@ async def store_proven(job_id: str, step: PlannedStep, kind: TaskKind, task_id: 
     get_run_logger().warning("the cached store of %s is gone or changed at %s; storing it again",
                              step.label, stored.uri)
     return await store_step.with_options(refresh_cache=True)(job_id, step, kind, task_id, dest, account, None)
+
+
+async def store_into_ledger(ledger: recorder.JobRecorder, step: PlannedStep, task_id: str, dest: str,
+                            account: str) -> None:
+    """Store the step's video (proven, see store_proven) and record it in the job's ledger."""
+    proven = ledger.proven_sha256(step, task_id)
+    stored = await store_proven(ledger.plan.job_id, step, step.kind, task_id, dest, account, proven)
+    await asyncio.to_thread(ledger.stored, step, stored)

@@ -1,0 +1,107 @@
+"""The account's concurrency slots (DESIGN §3): one Kling task holds one from just before its create until
+it is terminal, so an account never runs more than `KLING_MAX_CONCURRENCY` tasks at once.
+
+Two layers, one bound:
+- a Prefect global concurrency limit named after the account fingerprint (`kling-account-{account}`): a
+  server object, so it holds across processes, workers and machines, and the UI's Concurrency page shows it;
+- in front of it, a per-process priority queue of the same size: Prefect's client polls for a free slot
+  (~1 s between a slot freeing and the next holder starting), while a slot freed in this process goes to the
+  next waiting step at once, steps of started videos first (videos finish early; a crash loses less).
+
+A slot's lease is renewed while held; if the process dies, Prefect frees it when the lease expires (>= 60 s).
+Kling may still refuse a create with 1303 (another client on the account, an expired lease): the submit step
+treats that as back-pressure and waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from prefect import get_client
+from prefect.concurrency.asyncio import concurrency
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 60.0  # Prefect's minimum: a crashed holder's slot is back within about a minute
+
+
+def limit_name(account: str) -> str:
+    return f"kling-account-{account}"
+
+
+async def ensure_account_limit(account: str, size: int) -> None:
+    """Create the account's global concurrency limit, or resize it to `size` (idempotent)."""
+    async with get_client() as client:
+        try:
+            await client.upsert_global_concurrency_limit_by_name(limit_name(account), size)
+        except Exception as exc:  # another process created it between our read and our create
+            if "already exists" not in str(exc).lower() and "409" not in str(exc):
+                raise
+            await client.upsert_global_concurrency_limit_by_name(limit_name(account), size)
+
+
+class HandOff:
+    """At most `size` holders in this process; a released place goes to the best waiter at once.
+
+    Waiters are served by (priority, arrival): priority 0 for steps of videos already started, 1 for the
+    first step of a new video.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.holders = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self.holders < self.size and not self._waiting:
+            self.holders += 1
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._order), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            else:
+                self._waiting = [w for w in self._waiting if w[2] is not future]
+                heapq.heapify(self._waiting)
+            raise
+
+    def release(self) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)  # the place passes straight to the waiter: holders unchanged
+                return
+        self.holders -= 1
+
+
+_HAND_OFFS: dict[tuple[str, asyncio.AbstractEventLoop], HandOff] = {}
+
+
+def _hand_off(account: str, size: int) -> HandOff:
+    key = (account, asyncio.get_running_loop())
+    if key not in _HAND_OFFS:
+        _HAND_OFFS[key] = HandOff(size)
+    return _HAND_OFFS[key]
+
+
+@asynccontextmanager
+async def account_slot(account: str, size: int, *, started: bool) -> AsyncIterator[None]:
+    """Hold one of the account's slots: first this process's place, then the server-wide slot."""
+    hand_off = _hand_off(account, size)
+    await hand_off.acquire(0 if started else 1)
+    try:
+        # A lease renewal that fails once (a Prefect API hiccup) must not kill a paid step's wait.
+        async with concurrency(limit_name(account), occupy=1, strict=True, lease_duration=LEASE_SECONDS,
+                               raise_on_lease_renewal_failure=False):
+            yield
+    finally:
+        hand_off.release()
