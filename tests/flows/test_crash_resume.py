@@ -1,13 +1,16 @@
 """Crash tests: the CLI is killed with SIGKILL at a chosen stage, then run again.
 
 The child runs in its own process group (setsid) against the session's real Prefect server, the Kling
-emulator and moto's S3 server. After the rerun, the emulator's stats must show every step created exactly
-once, the final video must be byte-identical to what Kling served, and no partial object may exist.
+emulator and moto's S3 server (or a local folder). The emulator accepts duplicate external ids here (like a
+proxy pooling many accounts), so a rerun that POSTs a step again really creates a second task instead of
+being saved by a 1201 refusal. After the rerun, the emulator's stats must show one POST and one task per
+planned step and no task outside the plan, every stored object must be its own task's video byte for byte
+(the file the emulator serves), the manifest must describe what is stored, and nothing half-written (an open
+multipart upload, a `.part` temp) may be left.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -15,7 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +29,30 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from kling_tasks.api import KlingClient
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
-from kling_tasks.settings import KlingSettings
+from kling_tasks.storage.s3 import PART_SIZE
 
 BUCKET = "crash-videos"
+S3_DEST = f"s3://{BUCKET}/crash"
 PROMPT = "a lantern floating down a river"
 EXTENSIONS = ("the lantern passes a bridge", "the lantern drifts into the sea")
 CLI = str(Path(sys.executable).with_name("kling-pipeline"))
+MiB = 2**20
+PAD = 12 * MiB  # every served video is > 2 S3 parts (mid-transfer tests only: it makes every download bigger)
+
+Condition = Callable[[], bool]
+
+
+def new_job_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # the session shares one Prefect server: never reuse a job id
 
 
 @pytest.fixture
-def crash_env(prefect_server: Any, kling_env: dict[str, str], s3_endpoint: str, tmp_path: Path) -> dict[str, str]:
+def crash_env(prefect_server: Any, kling_env: dict[str, str], emulator: Any, s3_endpoint: str,
+              tmp_path: Path) -> dict[str, str]:
     boto3.client("s3").create_bucket(Bucket=BUCKET)
+    # A second POST of a step must show as a second task, not hide behind a 1201 refusal.
+    assert emulator.set_behaviour(unique_external_ids=False)["unique_external_ids"] is False
     home = tmp_path / "prefect-home"  # one machine's Prefect home, shared by the killed run and the rerun
     home.mkdir()
     return {
@@ -67,71 +83,110 @@ class Child:
         return self.process.returncode, out.decode()
 
 
-def run_cli(job_id: str, env: dict[str, str], log: Path) -> Child:
-    args = [CLI, "run", "--prompt", PROMPT, "--dest", f"s3://{BUCKET}/crash", "--job-id", job_id]
-    for text in EXTENSIONS:
+def run_cli(job_id: str, env: dict[str, str], log: Path, dest: str = S3_DEST,
+            extensions: tuple[str, ...] = EXTENSIONS) -> Child:
+    args = [CLI, "run", "--prompt", PROMPT, "--dest", dest, "--job-id", job_id]
+    for text in extensions:
         args += ["--extend", text]
     return Child(args, env, log)
 
 
-def wait_until(condition: Callable[[], bool], child: Child, timeout: float = 90) -> None:
+def wait_until(condition: Condition, child: Child | None = None, timeout: float = 90, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
-        if child.process.poll() is not None:
+        if child is not None and child.process.poll() is not None:
             raise AssertionError(f"the run ended before the kill point: {child.log_path.read_text()[-3000:]}")
         time.sleep(0.02)
-    raise AssertionError("the kill point was never reached")
+    raise AssertionError(f"never reached: {what or 'the kill point'}")
 
 
-def object_exists(key: str) -> bool:
-    try:
-        boto3.client("s3").head_object(Bucket=BUCKET, Key=key)
-        return True
-    except ClientError:
-        return False
-
-
-def served_sha256(task_id: str) -> str:
-    async def fetch() -> str:
-        async with KlingClient(KlingSettings()) as client:
-            snap = await client.get("video-extend", task_id)
-        assert snap.video is not None
-        return hashlib.sha256(httpx.get(snap.video.url).content).hexdigest()
-
-    return asyncio.run(fetch())
-
-
-def plan_for(job_id: str) -> list[str]:
-    job = VideoJob(generate=GenerationSpec(prompt=PROMPT), extensions=[ExtensionSpec(prompt=t) for t in EXTENSIONS],
-                   dest=f"s3://{BUCKET}/crash", job_id=job_id)
+def plan_for(job_id: str, dest: str = S3_DEST, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
+    job = VideoJob(generate=GenerationSpec(prompt=PROMPT), extensions=[ExtensionSpec(prompt=t) for t in extensions],
+                   dest=dest, job_id=job_id)
     return [step.external_task_id for step in plan_job(job).steps]
 
 
-def kill_points(emulator: Any, ids: list[str], job_id: str) -> dict[str, Callable[[], bool]]:
-    def created(ext: str) -> bool:
-        return emulator.stats()["create_attempts"].get(ext, 0) >= 1
-
-    def running(ext: str) -> bool:
-        tasks = emulator.stats()["tasks"].values()
-        return any(t["external_task_id"] == ext and t["status"] in ("submitted", "processing") for t in tasks)
-
-    return {
-        "submit": lambda: created(ids[1]),
-        "wait": lambda: running(ids[1]),
-        "store": lambda: sum(emulator.stats()["downloads"].values()) >= 1,
-        "between-steps": lambda: object_exists(f"crash/{job_id}/step-01.mp4"),
-    }
+# ---- reading what the run left behind -------------------------------------------------------------------------
 
 
-# Faults that widen the window the kill must land in; all of them are gone before the rerun.
-WINDOW_FAULTS: dict[str, list[dict[str, Any]]] = {
-    "submit": [{"match": "create:video-extend", "kind": "slow", "times": 1, "params": {"seconds": 3}}],
-    "wait": [],
-    "store": [{"match": "download", "kind": "slow", "times": 1, "params": {"seconds": 3}}],
-    "between-steps": [],
-}
+def s3_key(dest: str, key: str) -> str:
+    return f"{dest.removeprefix(f's3://{BUCKET}/')}/{key}"
+
+
+def read(dest: str, key: str) -> bytes | None:
+    if dest.startswith("s3://"):
+        try:
+            return bytes(boto3.client("s3").get_object(Bucket=BUCKET, Key=s3_key(dest, key))["Body"].read())
+        except ClientError:
+            return None
+    path = Path(dest) / key
+    return path.read_bytes() if path.is_file() else None
+
+
+def uri_of(dest: str, key: str) -> str:
+    return f"{dest}/{key}" if dest.startswith("s3://") else str((Path(dest) / key).resolve())
+
+
+def open_uploads(prefix: str = "") -> list[dict[str, Any]]:
+    return list(boto3.client("s3").list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", []))
+
+
+def temps(folder: Path) -> list[Path]:
+    """Every temp a writer may leave: the sink's `.{name}.{random}.part`, and any other *.part."""
+    return sorted({*folder.glob(".*.part"), *folder.glob("*.part")}) if folder.is_dir() else []
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def served_sha256(emulator: Any, task_id: str) -> str:
+    """The sha256 of the file the emulator serves for this task's video (padding included)."""
+    video_id = emulator.stats()["tasks"][task_id]["video_id"]
+    return sha256(httpx.get(f"{emulator.base_url}/_files/{video_id}.mp4").content)
+
+
+def manifest_of(dest: str, job_id: str) -> dict[str, Any] | None:
+    raw = read(dest, f"{job_id}/manifest.json")
+    return json.loads(raw) if raw is not None else None
+
+
+def assert_resumed_whole(emulator: Any, dest: str, job_id: str, ids: list[str]) -> None:
+    """Each planned step paid once, every stored object whole and its own task's, the ledger true to both."""
+    stats = emulator.stats()
+    assert stats["create_attempts"] == {ext: 1 for ext in ids}, "one create POST per planned step"
+    assert stats["tasks_created"] == {ext: 1 for ext in ids}, "one task per planned step, none outside the plan"
+    task_of = {task["external_task_id"]: task_id for task_id, task in stats["tasks"].items()}
+    assert len(task_of) == len(stats["tasks"]) == len(ids)
+
+    manifest = manifest_of(dest, job_id)
+    assert manifest is not None
+    assert manifest["status"] == "succeeded" and manifest["job_id"] == job_id
+    assert manifest["final_uri"] == uri_of(dest, f"{job_id}/final.mp4")
+    assert [step["external_task_id"] for step in manifest["steps"]] == ids
+    s3 = boto3.client("s3")
+    for step in manifest["steps"]:
+        key = f"{job_id}/step-{step['index']:02d}.mp4"
+        data = read(dest, key)
+        assert data is not None, f"{key} is stored"
+        assert step["status"] == "stored" and step["uri"] == uri_of(dest, key)
+        assert step["task_id"] == task_of[step["external_task_id"]], "the ledger names the step's only task"
+        assert (len(data), sha256(data)) == (step["size"], step["sha256"]), f"{key} is what the ledger says"
+        assert sha256(data) == served_sha256(emulator, step["task_id"]), f"{key} is its task's video, whole"
+        if dest.startswith("s3://"):
+            head = s3.head_object(Bucket=BUCKET, Key=s3_key(dest, key))
+            assert head["ContentLength"] == step["size"]
+            assert (head["Metadata"]["task_id"], head["Metadata"]["sha256"]) == (step["task_id"], step["sha256"])
+    final = read(dest, f"{job_id}/final.mp4")
+    assert final is not None
+    assert sha256(final) == served_sha256(emulator, task_of[ids[-1]]) == manifest["steps"][-1]["sha256"]
+
+    if dest.startswith("s3://"):
+        assert open_uploads() == [], "no multipart upload left open"
+    else:
+        assert temps(Path(dest) / job_id) == [], "no temporary file left in the job folder"
 
 
 @pytest.fixture
@@ -140,33 +195,145 @@ def emulator_faults(emulator: Any) -> Iterator[Callable[[list[dict[str, Any]]], 
     emulator.set_faults({"rules": []})
 
 
-@pytest.mark.parametrize("stage", list(WINDOW_FAULTS))
+# ---- kill -9 at a stage of the job ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where to kill, with the faults that widen that window (gone before the rerun) and the emulator's
+    weak-provider switches (kept for the rerun)."""
+
+    kill_when: Callable[[Any, list[str], str], bool]
+    faults: list[dict[str, Any]] = field(default_factory=list)
+    behaviour: dict[str, Any] = field(default_factory=dict)
+    # Checked right after the kill: the kill landed where this stage says.
+    landed: Callable[[Any, list[str], str], None] | None = None
+    # Waited for before the rerun: what the killed run set in motion at Kling has happened.
+    settled: Callable[[Any, list[str], str], bool] | None = None
+
+
+def _posted(emulator: Any, ids: list[str], job_id: str) -> bool:
+    return bool(emulator.stats()["create_attempts"].get(ids[1], 0) >= 1)
+
+
+def _task_exists(emulator: Any, ids: list[str], job_id: str) -> bool:
+    return bool(emulator.stats()["tasks_created"].get(ids[1], 0) >= 1)
+
+
+def _running(emulator: Any, ids: list[str], job_id: str) -> bool:
+    tasks = emulator.stats()["tasks"].values()
+    return any(t["external_task_id"] == ids[1] and t["status"] in ("submitted", "processing") for t in tasks)
+
+
+def _downloading(emulator: Any, ids: list[str], job_id: str) -> bool:
+    return sum(emulator.stats()["downloads"].values()) >= 1
+
+
+def _between_steps(emulator: Any, ids: list[str], job_id: str) -> bool:
+    return read(S3_DEST, f"{job_id}/step-01.mp4") is not None
+
+
+def _post_in_flight(emulator: Any, ids: list[str], job_id: str) -> None:
+    assert ids[1] not in emulator.stats()["tasks_created"], "killed while the create was still at the server"
+
+
+def _intent_without_answer(emulator: Any, ids: list[str], job_id: str) -> None:
+    stats = emulator.stats()
+    assert stats["faults_fired"].get("drop_after_commit") == 1 and stats["tasks_created"].get(ids[1]) == 1
+    manifest = manifest_of(S3_DEST, job_id)
+    assert manifest is not None
+    step = manifest["steps"][1]
+    assert (step["status"], step["task_id"]) == ("submitting", None), \
+        "killed after the committed create and before the run learnt its task id"
+
+
+STAGES: dict[str, Stage] = {
+    # The create POST is at the server (held 3 s) when the run dies; the rerun starts once it has committed.
+    "submit": Stage(_posted, [{"match": "create:video-extend", "kind": "slow", "times": 1, "params": {"seconds": 3}}],
+                    landed=_post_in_flight, settled=_task_exists),
+    "wait": Stage(_running),
+    "store": Stage(_downloading, [{"match": "download", "kind": "slow", "times": 1, "params": {"seconds": 3}}]),
+    "between-steps": Stage(_between_steps),
+    # The create is committed and its answer dropped; the client waits ~1 s before looking it up: the kill
+    # lands in that second. The lookup forms find nothing (query answers [], path 404): only the task list
+    # can tell the rerun that the task exists, and duplicates are accepted, so a resend would pay twice.
+    "answer-dropped": Stage(_task_exists, [{"match": "create:video-extend", "kind": "drop_after_commit", "times": 1}],
+                            behaviour={"lookup_query": "empty", "lookup_path": "off"},
+                            landed=_intent_without_answer),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_killed_run_resumes_without_paying_twice(
     stage: str, emulator: Any, crash_env: dict[str, str], emulator_faults: Any, tmp_path: Path
 ) -> None:
-    job_id = f"crash-{stage}"
+    how = STAGES[stage]
+    job_id = new_job_id(f"crash-{stage}")
     ids = plan_for(job_id)
-    emulator_faults(WINDOW_FAULTS[stage])
+    if how.behaviour:
+        behaviour = emulator.set_behaviour(**how.behaviour)
+        assert {k: behaviour[k] for k in how.behaviour} == how.behaviour
+    emulator_faults(how.faults)
 
     first = run_cli(job_id, crash_env, tmp_path / "first.log")
-    wait_until(kill_points(emulator, ids, job_id)[stage], first)
+    wait_until(lambda: how.kill_when(emulator, ids, job_id), first, what=f"the {stage} kill point")
     first.kill_group()
+    if how.landed is not None:
+        how.landed(emulator, ids, job_id)
     emulator_faults([])
+    if how.settled is not None:
+        wait_until(lambda: how.settled(emulator, ids, job_id), timeout=30, what="the killed run's create committed")
 
     code, out = run_cli(job_id, crash_env, tmp_path / "second.log").finish()
     assert code == 0, (tmp_path / "second.log").read_text()[-4000:]
-    final_uri = f"s3://{BUCKET}/crash/{job_id}/final.mp4"
-    assert out.strip().splitlines()[-1] == final_uri
+    assert out.strip().splitlines()[-1] == uri_of(S3_DEST, f"{job_id}/final.mp4")
+    assert_resumed_whole(emulator, S3_DEST, job_id, ids)
 
+
+# ---- kill -9 in the middle of a transfer ----------------------------------------------------------------------
+
+
+@pytest.mark.emulator(pad_bytes=PAD)
+@pytest.mark.parametrize("sink", ["s3", "local"])
+def test_killed_mid_transfer_leaves_nothing_half_written(
+    sink: str, emulator: Any, crash_env: dict[str, str], emulator_faults: Any, tmp_path: Path
+) -> None:
+    """The first video pauses after 6 MiB of its 12+ MiB; the run is killed once more than one S3 part's worth
+    has gone out and the sink holds a half-written object (an open multipart upload with a part in it, or a
+    `.part` temp bigger than a part). The rerun stores whole videos and leaves neither behind."""
+    dest = S3_DEST if sink == "s3" else str(tmp_path / "out")
+    job_id = new_job_id(f"transfer-{sink}")
+    extensions = EXTENSIONS[:1]
+    ids = plan_for(job_id, dest, extensions)
+    step_key = f"{job_id}/step-00.mp4"
+    job_dir = Path(dest) / job_id
+    emulator_faults([{"match": "download", "kind": "slow_stream", "times": 1,
+                      "params": {"after_bytes": 6 * MiB, "seconds": 60}}])
+
+    def half_written() -> bool:
+        if sink == "s3":
+            uploads = [u for u in open_uploads(s3_key(dest, step_key)) if u["Key"] == s3_key(dest, step_key)]
+            return any(boto3.client("s3").list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"])
+                       .get("Parts") for u in uploads)
+        return any(path.stat().st_size > PART_SIZE for path in temps(job_dir))
+
+    def mid_transfer() -> bool:
+        sent = emulator.stats()["download_bytes"]
+        return any(count > PART_SIZE for count in sent.values()) and half_written()
+
+    first = run_cli(job_id, crash_env, tmp_path / "first.log", dest, extensions)
+    wait_until(mid_transfer, first, what="more than one part sent and a half-written object")
+    first.kill_group()
     stats = emulator.stats()
-    assert {ext: stats["tasks_created"].get(ext) for ext in ids} == {ext: 1 for ext in ids}, "each step paid once"
+    assert stats["faults_fired"].get("slow_stream") == 1 and sum(stats["downloads"].values()) == 1
+    (sent,) = stats["download_bytes"].values()
+    assert PART_SIZE < sent < PAD, "killed mid-transfer"
+    assert read(dest, step_key) is None, "nothing is visible under the step's key"
+    emulator_faults([])
 
-    s3 = boto3.client("s3")
-    assert "Uploads" not in s3.list_multipart_uploads(Bucket=BUCKET), "no multipart upload left open"
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"crash/{job_id}/manifest.json")["Body"].read())
-    assert manifest["status"] == "succeeded"
-    final = s3.get_object(Bucket=BUCKET, Key=f"crash/{job_id}/final.mp4")["Body"].read()
-    assert hashlib.sha256(final).hexdigest() == served_sha256(manifest["steps"][-1]["task_id"])
-    for step in manifest["steps"]:
-        head = s3.head_object(Bucket=BUCKET, Key=f"crash/{job_id}/step-{step['index']:02d}.mp4")
-        assert (head["ContentLength"], head["Metadata"]["sha256"]) == (step["size"], step["sha256"])
+    code, out = run_cli(job_id, crash_env, tmp_path / "second.log", dest, extensions).finish()
+    assert code == 0, (tmp_path / "second.log").read_text()[-4000:]
+    assert out.strip().splitlines()[-1] == uri_of(dest, f"{job_id}/final.mp4")
+    assert_resumed_whole(emulator, dest, job_id, ids)
+    final = read(dest, f"{job_id}/final.mp4")
+    assert final is not None and len(final) > PAD, "the padded (multi-part) video, whole"
