@@ -10,7 +10,7 @@ import asyncio
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -22,6 +22,9 @@ from kling_tasks.kling_requests import check_requests
 from kling_tasks.manifest import load_manifest
 from kling_tasks.settings import KlingSettings, SettingsError, load_settings
 from kling_tasks.storage import DestinationError, open_sink
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import State
 
 app = typer.Typer(help="Long AI videos from the Kling API as resumable Prefect flows.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -221,3 +224,50 @@ def demo(dest: Dest = "./demo-output",
               "See the run in the Prefect UI: .venv/bin/prefect server start, then open "
               "http://127.0.0.1:4200/runs (runs of the embedded server are kept in PREFECT_HOME).")
     print(uri)
+
+
+@app.command()
+def batch(jobs_file: Annotated[Path, typer.Argument(help="YAML/JSON (jobs: + defaults:), JSONL or CSV.")],
+          dest: Annotated[str | None, typer.Option("--dest", help="For jobs without their own dest; holds "
+                                                   "the batch manifest (default ./kling-output)")] = None,
+          max_credits: Annotated[float | None, typer.Option("--max-credits", help="Budget of the whole batch.")]
+          = None,
+          approve_above: Annotated[float | None, typer.Option(
+              "--approve-above", help="Pause for approval in the Prefect UI when the estimate is above this.")]
+          = None,
+          yes: Annotated[bool, typer.Option("--yes", help="Approve the spending up front.")] = False,
+          batch_id: Annotated[str | None, typer.Option("--batch-id", help="Default: a digest of the job ids.")]
+          = None,
+          resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed")] = False) -> None:
+    """Produce every job of a jobs file at the account's concurrency bound; one line per job on stdout."""
+    from flows.batch import DEFAULT_DEST, check_batch, produce_batch, resolve_jobs
+    from flows.live import BatchProgress
+    from kling_tasks.batch_ledger import derived_batch_id, load_batch
+
+    settings = settings_or_exit()
+    try:
+        jobs = resolve_jobs(None, str(jobs_file), dest, datetime.now(UTC).date())
+        estimate = check_batch(jobs, settings, max_credits, resubmit_failed)
+    except PlanError as exc:
+        fail(str(exc), 2)
+    batch_id = batch_id or derived_batch_id(jobs)
+    err.print(f"batch {batch_id}: {len(jobs)} job(s), estimated {estimate:g} credits, "
+              f"{settings.max_concurrency} account slot(s)", highlight=False)
+    gate = None if yes else approve_above
+    if gate is not None and estimate > gate:
+        err.print("waiting for approval: resume the flow run in the Prefect UI (or rerun with --yes)")
+    async def run_batch() -> State[Any]:
+        return await produce_batch(jobs_file=str(jobs_file.resolve()), dest=dest, max_credits=max_credits,
+                                   approve_above=gate, batch_id=batch_id, resubmit_failed=resubmit_failed,
+                                   return_state=True)
+
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    with BatchProgress([plan_job(job) for job in jobs], err):
+        state = asyncio.run(run_batch())
+    manifest = load_batch(open_sink(dest or DEFAULT_DEST), batch_id)
+    if manifest is None or manifest.status == "running" or manifest.updated_at < started:
+        fail(state.message or "the batch stopped before it started any job")
+    for entry in manifest.jobs:
+        print(f"{entry.job_id}\t{entry.final_uri or entry.error}")
+    if manifest.failed:
+        fail(f"{len(manifest.failed)} of {len(manifest.jobs)} job(s) failed")

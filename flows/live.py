@@ -65,3 +65,57 @@ class LiveProgress:
             elapsed = f"{(row.until or time.monotonic()) - row.since:.0f} s" if row.since else ""
             table.add_row(f"{index + 1} of {total}", row.name, row.status, elapsed, row.info)
         return table
+
+
+@dataclass
+class _JobRow:
+    total: int
+    step: int = 0
+    status: str = "pending"
+    since: float | None = None
+    until: float | None = None
+    info: str = ""
+
+
+class BatchProgress:
+    """One row per job of a batch: step i of N, Kling status, elapsed (on stderr)."""
+
+    def __init__(self, plans: list[Plan], console: Console):
+        self.started = time.monotonic()
+        self.rows = {plan.job_id: _JobRow(total=len(plan.steps)) for plan in plans}
+        self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
+        self._unsubscribe: Callable[[], None] = lambda: None
+
+    def __enter__(self) -> BatchProgress:
+        self._unsubscribe = subscribe(self._on_notice)
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._unsubscribe()
+        self.live.update(self._render())
+        self.live.__exit__(exc_type, exc, tb)
+
+    def _on_notice(self, notice: Notice) -> None:
+        row = self.rows.get(notice.job_id)
+        if row is None:
+            return
+        now = time.monotonic()
+        row.since = row.since or now
+        if notice.stage == "done":
+            row.status, row.until, row.info = "done", now, str(notice.detail.get("uri") or "")
+        elif notice.stage == "failed":
+            row.status, row.until = "failed", now
+        else:
+            row.step, row.status = max(row.step, notice.step_index), notice.stage
+        self.live.update(self._render())
+
+    def _render(self) -> Table:
+        table = Table(title=f"batch of {len(self.rows)} job(s)  ({time.monotonic() - self.started:.0f} s)")
+        for column in ("job", "step", "kling status", "elapsed", ""):
+            table.add_column(column)
+        for job_id, row in self.rows.items():
+            elapsed = f"{(row.until or time.monotonic()) - row.since:.0f} s" if row.since else ""
+            table.add_row(job_id, f"{row.step + 1} of {row.total}", row.status, elapsed, row.info)
+        return table

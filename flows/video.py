@@ -8,7 +8,7 @@ re-attaches to tasks still in flight.
 from __future__ import annotations
 
 import asyncio
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime
 
 from prefect import flow, get_run_logger, tags
@@ -53,7 +53,9 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
     logger = get_run_logger()
     job = job.for_date(run_date())
     settings = load_settings()
-    prepared = prepare(job, settings, resubmit_failed=resubmit_failed, replace=replace)
+    # Blocking work (S3, manifests, the Prefect API's artifacts) runs in threads: in a batch, many jobs share
+    # this event loop, and a blocked loop delays every other job's polls and creates.
+    prepared = await asyncio.to_thread(prepare, job, settings, resubmit_failed=resubmit_failed, replace=replace)
     plan, account = prepared.plan, prepared.account
     adopt, assumed = adopt or {}, set(assume_not_created or [])
     logger.info(
@@ -61,43 +63,47 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
         plan.job_id, len(plan.steps), plan.model_name, plan.mode, plan.estimated_credits, job.dest, account,
     )
     run_tags = (f"provider:{settings.provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
-    ledger = JobRecorder(prepared.sink, job, plan, settings.provider, prepared.previous, account=account,
-                         replaced=prepared.replaced, observers=default_observers(prepared.sink, plan, run_tags))
+    ledger = await asyncio.to_thread(
+        JobRecorder, prepared.sink, job, plan, settings.provider, prepared.previous, account=account,
+        replaced=prepared.replaced, observers=default_observers(prepared.sink, plan, run_tags))
     await ensure_account_limit(account, settings.max_concurrency)
     parent: Rendered | None = None
     stores: list[asyncio.Task[None]] = []
     with ledger, tags(*run_tags):
         try:
-            for step in plan.steps:
-                raise_failed_store(stores)  # a destination that broke stops the job before it pays for more
-                ext = step.external_task_id
-                # A Kling task holds an account slot from just before its create until it is terminal.
-                slot: AbstractAsyncContextManager[None] = (
-                    nullcontext() if ledger.rendered_before(step)
-                    else account_slot(account, settings.max_concurrency, started=step.index > 0))
-                async with slot:
+            async with AsyncExitStack() as slot:
+                holding = False
+                for step in plan.steps:
+                    raise_failed_store(stores)  # a destination that broke stops the job before it pays for more
+                    # One account slot for the job's chain, from just before its first create to the end of its
+                    # last Kling task: its next extension never queues behind a video that has not started.
+                    if not holding and not ledger.rendered_before(step):
+                        await slot.enter_async_context(
+                            account_slot(account, settings.max_concurrency, started=step.index > 0))
+                        holding = True
+                    ext = step.external_task_id
                     submission = await submit_step(plan.job_id, step, job.generate, parent, account,
                                                    may_exist=ledger.may_exist(step), adopt_task_id=adopt.get(ext),
                                                    assume_not_created=ext in assumed)
-                    ledger.submitted(step, submission)
+                    await asyncio.to_thread(ledger.submitted, step, submission)
                     try:
                         rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
                     except TaskFailedError as exc:
                         message = exc.snapshot.task_status_msg or "no reason given"
-                        ledger.failed(step, message)
+                        await asyncio.to_thread(ledger.failed, step, message)
                         raise KlingStepFailed(
                             f"Kling task {submission.task_id} ({step.name}) failed: {message}. "
                             "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
                         ) from exc
-                ledger.succeeded(step, rendered)
-                # The store runs beside the next step's Kling time: the next extension needs only the video id.
-                stores.append(asyncio.create_task(
-                    store_into_ledger(ledger, step, submission.task_id, job.dest, account)))
-                parent = rendered
+                    await asyncio.to_thread(ledger.succeeded, step, rendered)
+                    # The store runs beside the next step's Kling time: the next extension needs only the video id.
+                    stores.append(asyncio.create_task(
+                        store_into_ledger(ledger, step, submission.task_id, job.dest, account)))
+                    parent = rendered
         finally:
             await asyncio.gather(*stores, return_exceptions=True)  # what was paid for is stored before we stop
         raise_failed_store(stores)
-        final = ledger.finish()
+        final = await asyncio.to_thread(ledger.finish)
     logger.info("final video: %s (%d bytes, sha256 %s)", final.uri, final.size, final.sha256)
     return final.uri
 

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 from pydantic import ValidationError
 
 from kling_tasks.jobs import GenerationSpec, PlanError, VideoJob, check_budget, plan_job
@@ -45,7 +45,7 @@ class JobsFileError(PlanError):
         super().__init__(re.sub(r"\s*\n\s*", " ", message).strip())
 
 
-class _Loader(yaml.SafeLoader):  # type: ignore[misc]
+class _Loader(yaml.SafeLoader):
     """YAML 1.1 without base-60 numbers: `aspect_ratio: 16:9` is the string "16:9", not the integer 969."""
 
 

@@ -1,12 +1,14 @@
-"""The account's concurrency slots (DESIGN §3): one Kling task holds one from just before its create until
-it is terminal, so an account never runs more than `KLING_MAX_CONCURRENCY` tasks at once.
+"""The account's concurrency slots (DESIGN §3): a Kling task holds one from just before its create until it
+is terminal, so an account never runs more than `KLING_MAX_CONCURRENCY` tasks at once. produce_video keeps
+its slot across its chain (a video's steps run one after another), so a started video never waits behind
+new ones: videos finish early and a crash loses less.
 
 Two layers, one bound:
 - a Prefect global concurrency limit named after the account fingerprint (`kling-account-{account}`): a
   server object, so it holds across processes, workers and machines, and the UI's Concurrency page shows it;
 - in front of it, a per-process priority queue of the same size: Prefect's client polls for a free slot
   (~1 s between a slot freeing and the next holder starting), while a slot freed in this process goes to the
-  next waiting step at once, steps of started videos first (videos finish early; a crash loses less).
+  next waiting job at once, resumed videos first.
 
 A slot's lease is renewed while held; if the process dies, Prefect frees it when the lease expires (>= 60 s).
 Kling may still refuse a create with 1303 (another client on the account, an expired lease): the submit step

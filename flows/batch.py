@@ -1,0 +1,144 @@
+"""produce_batch: many jobs at the account's concurrency bound, each a produce_video subflow run.
+
+The account's slots (kling_tasks.slots), not a thread count, bound the work: every job starts at once and
+its steps wait for slots, steps of started videos first. One failed job does not stop the others; the batch
+ends Failed if any did, with a summary artifact and `{dest}/{batch_id}.json` next to the jobs' folders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from datetime import date
+from typing import cast
+
+from prefect import flow, get_run_logger
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+
+from flows.video import produce_video, run_date
+from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
+from kling_tasks.identity import account_fingerprint
+from kling_tasks.jobs import PlanError, VideoJob, plan_job
+from kling_tasks.jobs_file import check_batch_budget, load_jobs
+from kling_tasks.manifest import load_manifest, manifest_key
+from kling_tasks.observability.batch_summary import publish_batch_summary
+from kling_tasks.observability.contact_sheet import contact_sheet_key
+from kling_tasks.preflight import prepare
+from kling_tasks.settings import KlingSettings, load_settings
+from kling_tasks.slots import ensure_account_limit
+from kling_tasks.storage import open_sink
+
+DEFAULT_DEST = "./kling-output"
+
+
+class BatchFailed(RuntimeError):
+    """Some jobs of the batch failed; the others completed. Their reasons are in the batch manifest."""
+
+
+class SpendApproval(RunInput):
+    """Shown as a form in the Prefect UI when a batch waits for approval before spending."""
+
+    approve: bool = False
+
+
+def batch_run_name() -> str:
+    given = flow_run.parameters.get("batch_id")
+    return str(given) if given else "produce-batch"
+
+
+def resolve_jobs(jobs: list[VideoJob] | None, jobs_file: str | None, dest: str | None, day: date) -> list[VideoJob]:
+    if (jobs is None) == (jobs_file is None):
+        raise PlanError("give the batch either jobs or a jobs_file, not both or neither")
+    loaded = load_jobs(jobs_file, dest=dest) if jobs_file is not None else [
+        job if dest is None or "dest" in job.model_fields_set else job.model_copy(update={"dest": dest})
+        for job in jobs or []]
+    resolved = [job.for_date(day) for job in loaded]
+    seen: dict[str, int] = {}
+    for number, job in enumerate(resolved, start=1):
+        job_id = job.effective_job_id()
+        if job_id in seen:
+            raise PlanError(f"job {seen[job_id]} and job {number} both have job_id {job_id}")
+        seen[job_id] = number
+    return resolved
+
+
+def check_batch(jobs: list[VideoJob], settings: KlingSettings, max_credits: float | None,
+                resubmit_failed: bool) -> float:
+    """Everything a run would refuse, for every job, before the first request; returns the estimate."""
+    for number, job in enumerate(jobs, start=1):
+        try:
+            prepare(job, settings, resubmit_failed=resubmit_failed)
+        except PlanError as exc:
+            raise PlanError(f"job {number} ({job.effective_job_id()}): {exc}") from None
+    check_batch_budget(jobs, max_credits)
+    return sum(plan_job(job).estimated_credits for job in jobs)
+
+
+async def approve_spending(estimate: float, approve_above: float | None) -> None:
+    if approve_above is None or estimate <= approve_above:
+        return
+    logger = get_run_logger()
+    logger.warning("the batch is estimated at %g credits, above %g: waiting for approval in the Prefect UI "
+                   "(Resume this flow run and tick approve)", estimate, approve_above)
+    # async_dispatch: in a coroutine this returns an awaitable (Prefect's typing says otherwise).
+    waiting = pause_flow_run(wait_for_input=SpendApproval.with_initial_data(
+        description=f"Approve spending about {estimate:g} credits on this batch?"), timeout=24 * 3600)
+    answer = await cast(Awaitable[SpendApproval], waiting)
+    if not answer.approve:
+        raise PlanError(f"spending {estimate:g} credits was not approved; nothing was sent")
+
+
+async def run_one(job: VideoJob, entry: BatchEntry, resubmit_failed: bool) -> None:
+    started = time.monotonic()
+    state = await produce_video(job=job, resubmit_failed=resubmit_failed, return_state=True)
+    entry.seconds = round(time.monotonic() - started, 1)
+    sink = open_sink(job.dest)
+    manifest = await asyncio.to_thread(load_manifest, sink, entry.job_id)
+    entry.credits = manifest.credits_charged if manifest else None
+    entry.manifest_uri = f"{sink.dest.rstrip('/')}/{manifest_key(entry.job_id)}"
+    if state.is_completed():
+        entry.status, entry.final_uri = "succeeded", str(await state.aresult())
+        entry.contact_sheet_key = contact_sheet_key(entry.job_id)
+    else:
+        entry.status = "failed"
+        error = await state.aresult(raise_on_failure=False)
+        entry.error = " ".join(str(error).split())[:500] if isinstance(error, BaseException) else state.message
+
+
+@flow(name="produce-batch", flow_run_name=batch_run_name)
+async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | None = None, dest: str | None = None,
+                        max_credits: float | None = None, approve_above: float | None = None,
+                        batch_id: str | None = None, resubmit_failed: bool = False) -> list[BatchEntry]:
+    """Produce every job of the batch; returns one entry per job (status, final URI, credits, seconds).
+
+    `jobs`: inline jobs, or `jobs_file`: a YAML/JSON/JSONL/CSV jobs file (DESIGN §5). `dest` applies to jobs
+    without their own and holds the batch manifest. `max_credits` is the budget of the whole batch;
+    `approve_above` pauses for approval in the UI before any request when the estimate is above it.
+    """
+    logger = get_run_logger()
+    settings = load_settings()
+    batch = resolve_jobs(jobs, jobs_file, dest, run_date())
+    estimate = check_batch(batch, settings, max_credits, resubmit_failed)
+    account = account_fingerprint(settings)
+    manifest = BatchManifest(
+        batch_id=batch_id or derived_batch_id(batch), account=account, estimated_credits=estimate,
+        jobs=[BatchEntry(job_id=job.effective_job_id(), dest=job.dest,
+                         estimated_credits=plan_job(job).estimated_credits) for job in batch])
+    logger.info("batch %s: %d job(s), estimated %g credits, account %s (%d slots)", manifest.batch_id, len(batch),
+                estimate, account, settings.max_concurrency)
+    await approve_spending(estimate, approve_above)
+    sink = open_sink(dest or DEFAULT_DEST)
+    await asyncio.to_thread(save_batch, sink, manifest)
+    await ensure_account_limit(account, settings.max_concurrency)
+    await asyncio.gather(*(run_one(job, entry, resubmit_failed) for job, entry in zip(batch, manifest.jobs,
+                                                                                      strict=True)))
+    manifest.status = "failed" if manifest.failed else "succeeded"
+    await asyncio.to_thread(save_batch, sink, manifest)
+    await asyncio.to_thread(publish_batch_summary, manifest)
+    if manifest.failed:
+        names = ", ".join(f"{entry.job_id} ({entry.error})" for entry in manifest.failed[:5])
+        raise BatchFailed(f"{len(manifest.failed)} of {len(batch)} job(s) failed: {names}")
+    return manifest.jobs
