@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,8 @@ pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server", "klin
 
 def make_job(dest: str, extensions: int = 3, **generate: Any) -> VideoJob:
     # Each test has its own emulator (its own Kling account) but the session shares one Prefect cache, so
-    # each job gets its own id, derived from its folder: a job's cached steps only mean something at the
-    # Kling account that made them.
-    job_id = "t-" + hashlib.sha256(dest.encode()).hexdigest()[:12]
+    # each job gets its own id: a job's cached steps only mean something at the Kling account that made them.
+    job_id = f"t-{uuid.uuid4().hex[:12]}"
     return VideoJob(
         generate=GenerationSpec(prompt="a red kite over green hills", **generate),
         extensions=[ExtensionSpec(prompt=f"the kite climbs, part {i}") for i in range(1, extensions + 1)],
@@ -75,7 +75,8 @@ async def test_local_folder_and_rerun_pays_nothing(tmp_path: Path, emulator: Any
     assert abs(decode_seconds(final) - manifest["steps"][-1]["duration"]) < 0.1
     served = httpx.get(f"{emulator.base_url}/_emulator/stats").json()
     assert served["tasks_created"] == {s.external_task_id: 1 for s in plan_job(job).steps}
-    assert not list(final.parent.glob("*.tmp*")), "no temporary files are left behind"
+    leftovers = [*final.parent.glob(".*.part"), *final.parent.glob("*.part")]  # the sink's temps: .{name}.{random}.part
+    assert not leftovers, f"no temporary files are left behind: {leftovers}"
 
     before = emulator.stats()
     assert await produce_video(job) == uri
