@@ -13,6 +13,7 @@ import asyncio
 import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ pytestmark = [
 
 KLING_AK = "browser-test-ak-2c6e0a8f"
 KLING_SK = "browser-test-sk-9d1f4b7e3a5c2e8f0b6d"  # >= 32 bytes: HS256 key
-JOB_ID = "browser-kite"
+JOB_ID = f"browser-kite-{uuid.uuid4().hex[:8]}"  # the session shares one Prefect server and cache
 TASK_NAMES = ["generate", "wait-generate", "store-step-00", "extend-1-of-1", "wait-extend-1-of-1", "store-step-01"]
 ARTIFACT_KEYS = [f"{JOB_ID}-{kind}" for kind in ("progress", "steps", "video", "summary")]
 CHROMIUM_FLAGS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,14 @@ def test_estimate_prices_the_plan_without_requests(kling_env: dict[str, str], em
 def test_run_prints_the_uri_last_and_status_reads_the_manifest(kling_env: dict[str, str], emulator: Any,
                                                                tmp_path: Path) -> None:
     dest = str(tmp_path / "out")
-    result = run_cli("run", "--prompt", "a quiet lake", "--extend", "ripples", "--dest", dest, "--job-id", "lake")
+    job_id = f"lake-{uuid.uuid4().hex[:8]}"  # the session shares one Prefect cache: never reuse a job id
+    result = run_cli("run", "--prompt", "a quiet lake", "--extend", "ripples", "--dest", dest, "--job-id", job_id)
     assert result.exit_code == 0, result.output
-    final = tmp_path / "out" / "lake" / "final.mp4"
+    final = tmp_path / "out" / job_id / "final.mp4"
     assert result.stdout.strip().splitlines()[-1] == str(final.resolve())
     assert final.is_file()
 
-    status = run_cli("status", "lake", "--dest", dest)
+    status = run_cli("status", job_id, "--dest", dest)
     assert status.exit_code == 0, status.output
     assert "extend-1-of-1" in status.stdout and "stored" in status.stdout
     assert status.stdout.strip().splitlines()[-1] == str(final.resolve())

@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,8 +41,9 @@ from kling_tasks.observability.automations import create_failure_webhook
 KLING_AK = "obs-test-ak-7f3c9e1d2b4a"
 KLING_SK = "obs-test-sk-5e8d1c7b9a3f6e2d0a4c8b1e"  # >= 32 bytes: HS256 key
 AWS_SECRET = "obs-test-aws-secret-4b7e1a9c3d"
-JOB_ID = "obs-e2e-kite"
-FAILED_JOB_ID = "obs-e2e-refused"
+# The session shares one Prefect server and cache: job ids of this session only.
+JOB_ID = f"obs-e2e-kite-{uuid.uuid4().hex[:8]}"
+FAILED_JOB_ID = f"obs-e2e-refused-{uuid.uuid4().hex[:8]}"
 EXTENSIONS = 2
 
 T = TypeVar("T")
