@@ -225,8 +225,10 @@ def _running(emulator: Any, ids: list[str], job_id: str) -> bool:
     return any(t["external_task_id"] == ids[1] and t["status"] in ("submitted", "processing") for t in tasks)
 
 
-def _downloading(emulator: Any, ids: list[str], job_id: str) -> bool:
-    return sum(emulator.stats()["downloads"].values()) >= 1
+def _storing_beside_the_next_create(emulator: Any, ids: list[str], job_id: str) -> bool:
+    """Step 0's download is held at the server, and step 1's create (which runs beside that store) is in."""
+    stats = emulator.stats()
+    return sum(stats["downloads"].values()) >= 1 and stats["tasks_created"].get(ids[1], 0) >= 1
 
 
 def _between_steps(emulator: Any, ids: list[str], job_id: str) -> bool:
@@ -252,14 +254,21 @@ STAGES: dict[str, Stage] = {
     "submit": Stage(_posted, [{"match": "create:video-extend", "kind": "slow", "times": 1, "params": {"seconds": 3}}],
                     landed=_post_in_flight, settled=_task_exists),
     "wait": Stage(_running),
-    "store": Stage(_downloading, [{"match": "download", "kind": "slow", "times": 1, "params": {"seconds": 3}}]),
+    # Killed while step 0's download is held at the server. The store runs beside the next step, so the kill
+    # waits for step 1's create to be in: a kill between step 1's write-ahead intent and its POST would leave
+    # an intent that no lookup can settle on an account without a proven lookup form (the rerun then stops as
+    # ambiguous, by design), which is not what this stage is about.
+    "store": Stage(_storing_beside_the_next_create,
+                   [{"match": "download", "kind": "slow", "times": 1, "params": {"seconds": 10}}]),
     "between-steps": Stage(_between_steps),
     # The create is committed and its answer dropped; the client waits ~1 s before looking it up: the kill
-    # lands in that second. The lookup forms find nothing (query answers [], path 404): only the task list
-    # can tell the rerun that the task exists, and duplicates are accepted, so a resend would pay twice.
-    "answer-dropped": Stage(_task_exists, [{"match": "create:video-extend", "kind": "drop_after_commit", "times": 1}],
-                            behaviour={"lookup_query": "empty", "lookup_path": "off"},
-                            landed=_intent_without_answer),
+    # lands in that second (widened: its path-form lookup after the drop, the second GET by path, is held
+    # 5 s). The lookup forms find nothing (query answers [], path 404): only the task list can tell the rerun
+    # that the task exists, and duplicates are accepted, so a resend would pay twice.
+    "answer-dropped": Stage(_task_exists, [
+        {"match": "create:video-extend", "kind": "drop_after_commit", "times": 1},
+        {"match": "get:video-extend", "kind": "slow", "sequence": [False, True], "params": {"seconds": 5}},
+    ], behaviour={"lookup_query": "empty", "lookup_path": "off"}, landed=_intent_without_answer),
 }
 
 
@@ -298,37 +307,43 @@ def test_killed_run_resumes_without_paying_twice(
 def test_killed_mid_transfer_leaves_nothing_half_written(
     sink: str, emulator: Any, crash_env: dict[str, str], emulator_faults: Any, tmp_path: Path
 ) -> None:
-    """The first video pauses after 6 MiB of its 12+ MiB; the run is killed once more than one S3 part's worth
-    has gone out and the sink holds a half-written object (an open multipart upload with a part in it, or a
-    `.part` temp bigger than a part). The rerun stores whole videos and leaves neither behind."""
+    """The last step's video (the second download; nothing else runs beside it) pauses after 6 MiB of its
+    12+ MiB; the run is killed once more than one S3 part's worth has gone out and the sink holds a
+    half-written object (an open multipart upload with a part in it, or a `.part` temp bigger than a part).
+    The rerun stores whole videos and leaves neither behind."""
     dest = S3_DEST if sink == "s3" else str(tmp_path / "out")
     job_id = new_job_id(f"transfer-{sink}")
     extensions = EXTENSIONS[:1]
     ids = plan_for(job_id, dest, extensions)
-    step_key = f"{job_id}/step-00.mp4"
+    step_key = f"{job_id}/step-01.mp4"
     job_dir = Path(dest) / job_id
-    emulator_faults([{"match": "download", "kind": "slow_stream", "times": 1,
+    emulator_faults([{"match": "download", "kind": "slow_stream", "sequence": [False, True],
                       "params": {"after_bytes": 6 * MiB, "seconds": 60}}])
+
+    def last_video() -> str | None:
+        return next((task["video_id"] for task in emulator.stats()["tasks"].values()
+                     if task["external_task_id"] == ids[-1] and task["video_id"]), None)
 
     def half_written() -> bool:
         if sink == "s3":
             uploads = [u for u in open_uploads(s3_key(dest, step_key)) if u["Key"] == s3_key(dest, step_key)]
             return any(boto3.client("s3").list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"])
                        .get("Parts") for u in uploads)
-        return any(path.stat().st_size > PART_SIZE for path in temps(job_dir))
+        return any(path.stat().st_size > PART_SIZE for path in temps(job_dir) if "step-01" in path.name)
 
     def mid_transfer() -> bool:
-        sent = emulator.stats()["download_bytes"]
-        return any(count > PART_SIZE for count in sent.values()) and half_written()
+        video = last_video()
+        return video is not None and emulator.stats()["download_bytes"].get(video, 0) > PART_SIZE and half_written()
 
     first = run_cli(job_id, crash_env, tmp_path / "first.log", dest, extensions)
-    wait_until(mid_transfer, first, what="more than one part sent and a half-written object")
+    wait_until(mid_transfer, first, what="more than one part of the last video sent and a half-written object")
     first.kill_group()
     stats = emulator.stats()
-    assert stats["faults_fired"].get("slow_stream") == 1 and sum(stats["downloads"].values()) == 1
-    (sent,) = stats["download_bytes"].values()
-    assert PART_SIZE < sent < PAD, "killed mid-transfer"
+    video = last_video()
+    assert video is not None and stats["faults_fired"].get("slow_stream") == 1 and stats["downloads"][video] == 1
+    assert PART_SIZE < stats["download_bytes"][video] < PAD, "killed mid-transfer"
     assert read(dest, step_key) is None, "nothing is visible under the step's key"
+    assert read(dest, f"{job_id}/step-00.mp4") is not None, "the first step was stored before"
     emulator_faults([])
 
     code, out = run_cli(job_id, crash_env, tmp_path / "second.log", dest, extensions).finish()
@@ -337,3 +352,36 @@ def test_killed_mid_transfer_leaves_nothing_half_written(
     assert_resumed_whole(emulator, dest, job_id, ids)
     final = read(dest, f"{job_id}/final.mp4")
     assert final is not None and len(final) > PAD, "the padded (multi-part) video, whole"
+
+
+# ---- kill -9 between a write-ahead intent and its POST --------------------------------------------------------
+
+
+def test_killed_between_a_refused_create_and_its_resend_resumes(
+    emulator: Any, crash_env: dict[str, str], emulator_faults: Any, tmp_path: Path
+) -> None:
+    """Kling refuses the first extension's create with 1303 (back-pressure: nothing was created, DESIGN 2.3);
+    the run waits to resend and is killed while it waits. Its ledger holds the intent written before the
+    refused POST. Nothing exists at Kling for that step and the run knew it: running the same command again
+    must resume (one task for the step), not stop and ask the user to check the console."""
+    job_id = new_job_id("crash-refused")
+    ids = plan_for(job_id)
+    emulator_faults([{"match": "create:video-extend", "kind": "http_error", "params": {"code": 1303}}])
+
+    first = run_cli(job_id, crash_env, tmp_path / "first.log")
+    wait_until(lambda: emulator.stats()["create_attempts"].get(ids[1], 0) >= 2, first,
+               what="a refused create of step 1, resent and refused again")
+    first.kill_group()
+    stats = emulator.stats()
+    assert ids[1] not in stats["tasks_created"], "every create of step 1 was refused: nothing exists"
+    refused = stats["create_attempts"][ids[1]]
+    manifest = manifest_of(S3_DEST, job_id)
+    assert manifest is not None and manifest["steps"][1]["status"] == "submitting"
+    emulator_faults([])
+
+    code, out = run_cli(job_id, crash_env, tmp_path / "second.log").finish()
+    assert code == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert out.strip().splitlines()[-1] == uri_of(S3_DEST, f"{job_id}/final.mp4")
+    stats = emulator.stats()
+    assert stats["tasks_created"] == {ext: 1 for ext in ids}, "one task per planned step, none outside the plan"
+    assert stats["create_attempts"] == {ids[0]: 1, ids[1]: refused + 1, ids[2]: 1}, "one accepted POST per step"
