@@ -85,7 +85,8 @@ async def approve_spending(estimate: float, approve_above: float | None) -> None
                    "(Resume this flow run and tick approve)", estimate, approve_above)
     # async_dispatch: in a coroutine this returns an awaitable (Prefect's typing says otherwise).
     waiting = pause_flow_run(wait_for_input=SpendApproval.with_initial_data(
-        description=f"Approve spending about {estimate:g} credits on this batch?"), timeout=24 * 3600)
+        description=f"Approve spending about {estimate:g} credits on this batch?"), timeout=24 * 3600,
+        poll_interval=2)
     answer = await cast(Awaitable[SpendApproval], waiting)
     if not answer.approve:
         raise PlanError(f"spending {estimate:g} credits was not approved; nothing was sent")
