@@ -42,7 +42,8 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class Transition:
-    """One change of one step: `stage` is submitting | submitted | status | succeeded | failed | stored."""
+    """One change of one step: `stage` is submitting | refused | submitted | status | succeeded | failed |
+    stored."""
 
     stage: str
     record: StepRecord
@@ -201,6 +202,13 @@ class JobRecorder:
         """Written before the create POST: a crash before its answer leaves this intent for the rerun."""
         if self.record(step).task_id is None:
             self._transition(step, "submitting", status="submitting")
+
+    def refused(self, step: PlannedStep) -> None:
+        """Kling answered the create with a definite refusal (1302/1303): nothing was created, so the intent
+        is withdrawn and a rerun after a crash during the wait for room may simply create it."""
+        record = self.record(step)
+        if record.status == "submitting" and record.task_id is None:
+            self._transition(step, "refused", status="pending")
 
     def submitted(self, step: PlannedStep, submission: Submission) -> None:
         record = self.record(step)

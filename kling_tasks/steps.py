@@ -96,6 +96,8 @@ async def submit_step(
                                              assume_not_created=assume_not_created)
                 break
             except BackPressureError as exc:
+                if ledger is not None:  # a definite refusal created nothing: withdraw the intent
+                    await asyncio.to_thread(ledger.refused, step)
                 delay = min(BACKPRESSURE_MAX_DELAY, 2.0**refusals) * random.uniform(1.0, 1.25)
                 if time.monotonic() + delay > deadline:
                     raise

@@ -4,11 +4,13 @@ Ways to find a task, in order: the lookup forms allowed by ``KLING_EXTERNAL_ID_L
 path; ``query``; ``path``; ``off`` = none), then a scan of the first list pages of the kind. A listed task that
 carries our external id counts as found, so the scan works even when both forms are broken or off.
 
-"Not found" is evidence only from a form *proven* on this provider + base URL + kind by a positive control:
-the form found a task we know exists, and only it (a query answer must hold the control task and no task
-with another external id, or a server that ignores the filter would pass). Known tasks: those this process
-created or adopted and those registered with ``remember``; when none is known, a task with an external id
-from list page 1. Proofs and known tasks are class-level (in-process), keyed by provider and base URL. A list
+"Not found" is evidence only from a form *proven* on this provider + base URL by a positive control (DESIGN
+§2.3): the form found a task we know exists, and only it (a query answer must hold the control task and no
+task with another external id, or a server that ignores the filter would pass). A form is one wire shape for
+every kind, so a control of any kind proves it: a video-extend lookup is proven by the text2video task the
+extension continues. Known tasks: those this process created or adopted and those registered with
+``remember`` (this kind's first); when none is known, a task with an external id from list page 1. Proofs
+and known tasks are class-level (in-process), keyed by provider and base URL. A list
 scan that finds nothing is never evidence (pages are few and the sort order is undocumented).
 """
 
@@ -115,7 +117,7 @@ class TaskFinder:
     """Lookups, list scans and positive controls for one client; the caches below are shared in-process."""
 
     _known: ClassVar[dict[tuple[str, str, str], OrderedDict[str, str]]] = {}  # (prov, url, kind) -> ext -> id
-    _proofs: ClassVar[set[tuple[str, str, str, str]]] = set()  # (provider, base_url, kind, form)
+    _proofs: ClassVar[set[tuple[str, str, str]]] = set()  # (provider, base_url, form)
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, client: KlingClient) -> None:
@@ -150,13 +152,18 @@ class TaskFinder:
         """The external id this process knows ``task_id`` by, if any."""
         return next((e for e, t in self.known(kind) if t == task_id), None)
 
-    def is_proven(self, kind: TaskKind, form: Form) -> bool:
-        with self._lock:
-            return (*self._account, kind, form) in self._proofs
+    def controls(self, kind: TaskKind) -> builtins.list[tuple[TaskKind, str, str]]:
+        """Known (kind, external_task_id, task_id) to test a form with: this kind's first, most recent first."""
+        kinds: tuple[TaskKind, ...] = (kind, *(k for k in ("text2video", "image2video", "video-extend") if k != kind))
+        return [(k, e, t) for k in kinds for e, t in self.known(k)]
 
-    def _mark_proven(self, kind: TaskKind, form: Form) -> None:
+    def is_proven(self, form: Form) -> bool:
         with self._lock:
-            self._proofs.add((*self._account, kind, form))
+            return (*self._account, form) in self._proofs
+
+    def _mark_proven(self, form: Form) -> None:
+        with self._lock:
+            self._proofs.add((*self._account, form))
 
     # ---- the lookup forms -----------------------------------------------------------------------------------
 
@@ -247,36 +254,37 @@ class TaskFinder:
 
     async def prove(self, search: Search, kind: TaskKind, form: Form) -> bool:
         """Is a "not found" from ``form`` evidence here? Runs a positive control unless one is cached."""
-        if self.is_proven(kind, form):
+        if self.is_proven(form):
             return True
         ext = search.external_task_id
-        controls = [(e, t) for e, t in self.known(kind) if e != ext][:CONTROLS_TRIED]
+        controls = [(k, e, t) for k, e, t in self.controls(kind) if e != ext][:CONTROLS_TRIED]
         source = "a task this process knows"
         if not controls:
             snaps = await self.page(search, kind, 1) or []
-            controls = [(s.external_task_id, s.task_id) for s in snaps if s.external_task_id not in (None, ext)][:1]
+            controls = [(kind, s.external_task_id, s.task_id) for s in snaps
+                        if s.external_task_id not in (None, ext)][:1]
             source = "a task from list page 1"
-        for control_ext, control_id in controls:
+        for control_kind, control_ext, control_id in controls:
             try:
-                answer = await self.ask(form, kind, control_ext)
+                answer = await self.ask(form, control_kind, control_ext)
             except KlingError as exc:
                 log.warning("positive control of the %s lookup failed: %s", form, exc)
                 return False
             if self._passes(answer, control_ext, control_id):
-                self._mark_proven(kind, form)
+                self._mark_proven(form)
                 log.info(
-                    "%s lookup proven on %s %s for %s: it found %s (task %s) and nothing else",
-                    form, *self._account, kind, source, control_id,
+                    "%s lookup proven on %s %s with %s: it found %s task %s and nothing else",
+                    form, *self._account, source, control_kind, control_id,
                 )  # fmt: skip
                 return True
         if controls:
             log.warning(
-                "%s lookup not proven on %s %s for %s: it did not find known task(s) %s alone",
-                form, *self._account, kind, ", ".join(t for _, t in controls),
+                "%s lookup not proven on %s %s: it did not find known task(s) %s alone",
+                form, *self._account, ", ".join(t for _, _, t in controls),
             )  # fmt: skip
         else:
-            log.warning("%s lookup cannot be proven on %s %s for %s: no known task to test it with",
-                        form, *self._account, kind)  # fmt: skip
+            log.warning("%s lookup cannot be proven on %s %s: no known task to test it with",
+                        form, *self._account)  # fmt: skip
         return False
 
     @staticmethod
@@ -304,7 +312,7 @@ class TaskFinder:
             if answer.outcome in ("unsupported", "error"):
                 log.info("%s lookup of external_task_id %s: %s (%s)", form, ext, answer.outcome, answer.problem)
         absent = [a.form for a in search.answers if a.outcome == "absent"]
-        cached = next((f for f in absent if self.is_proven(kind, f)), None)
+        cached = next((f for f in absent if self.is_proven(f)), None)
         if cached is not None and not need_evidence:
             search.proven_absent = cached  # a proven form already said no: the scan would add nothing
             return search

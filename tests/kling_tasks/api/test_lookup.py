@@ -45,7 +45,7 @@ async def test_path_form_proven_when_query_is_broken(make_client, fake) -> None:
     async with make_client(fake) as client:
         result = await client.submit(T2V, EXT)
     assert result.via == "created" and len(fake.posts()) == 2
-    assert TaskFinder._proofs == {("kling", "https://kling.test", "text2video", "path")}
+    assert TaskFinder._proofs == {("kling", "https://kling.test", "path")}
     assert any(r.url.path == f"/v1/videos/text2video/{CONTROL}" for r in fake.gets())
 
 
@@ -62,7 +62,7 @@ async def test_query_form_refused_is_not_evidence(make_client, fake) -> None:
     assert "query lookup: unsupported" in str(info.value) and len(fake.posts()) == 1
 
 
-async def test_proof_is_cached_per_account_and_kind(make_client, fake, clock) -> None:
+async def test_proof_is_cached_per_account(make_client, fake, clock) -> None:
     control = fake.add_task("text2video", CONTROL)
     async with make_client(fake) as client:
         client.remember("text2video", CONTROL, control)
@@ -72,12 +72,12 @@ async def test_proof_is_cached_per_account_and_kind(make_client, fake, clock) ->
         lost_before_creating(fake)
         await other.submit(T2V, "job2-s0-22cc33dd")
     assert len(fake.gets_with(external_task_id=CONTROL)) == 1  # proven once, in-process
-    assert TaskFinder._proofs == {("kling", "https://kling.test", "text2video", "query")}
+    assert TaskFinder._proofs == {("kling", "https://kling.test", "query")}
     # Another base URL is another account: nothing carries over.
     settings = make_settings().model_copy(update={"api_base_url": "https://elsewhere.test"})
     elsewhere = KlingClient(settings, transport=fake.transport, sleep=clock.sleep, retry=FAST_RETRY)
-    assert not elsewhere._finder.is_proven("text2video", "query") and elsewhere._finder.known("text2video") == []
-    assert not other._finder.is_proven("image2video", "query")
+    assert not elsewhere._finder.is_proven("query") and elsewhere._finder.known("text2video") == []
+    assert other._finder.is_proven("query"), "one wire form for every kind"
     await elsewhere.aclose()
 
 
@@ -90,6 +90,20 @@ async def test_control_must_be_found_by_task_id(make_client, fake) -> None:
         with pytest.raises(AmbiguousSubmitError):
             await client.submit(T2V, EXT)
     assert TaskFinder._proofs == set()
+
+
+async def test_an_extension_lookup_is_proven_by_the_task_it_continues(make_client, fake) -> None:
+    """No video-extend task exists yet: the text2video parent (a known task of another kind) proves the form,
+    so a lost first extension is resent once instead of stopping as ambiguous."""
+    from kling_tasks.api import VideoExtendRequest
+
+    parent = fake.add_task("text2video", CONTROL, status="succeed")
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, parent)
+        lost_before_creating(fake)
+        result = await client.submit(VideoExtendRequest(video_id="v-1"), "job2-s1-00aa11bb")
+    assert result.via == "created" and len(fake.posts()) == 2
+    assert fake.gets_with(external_task_id=CONTROL), "the parent was the positive control"
 
 
 async def test_own_creates_become_controls(make_client, fake) -> None:
