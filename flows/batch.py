@@ -14,13 +14,15 @@ from datetime import date
 from typing import cast
 
 from prefect import flow, get_run_logger
-from prefect.flow_runs import pause_flow_run
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import arun_deployment
+from prefect.flow_runs import pause_flow_run, wait_for_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from flows.video import produce_video, run_date
 from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
-from kling_tasks.identity import account_fingerprint
+from kling_tasks.identity import account_fingerprint, digest
 from kling_tasks.jobs import PlanError, VideoJob, plan_job
 from kling_tasks.jobs_file import check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
@@ -32,6 +34,9 @@ from kling_tasks.slots import ensure_account_limit
 from kling_tasks.storage import open_sink
 
 DEFAULT_DEST = "./kling-output"
+VIDEO_DEPLOYMENT = "produce-video/produce-video"
+# wait_for_flow_run gives up after 3 h by default; a 36-step chain behind a busy account can take longer.
+WORKER_RUN_TIMEOUT = 48 * 3600
 
 
 class BatchFailed(RuntimeError):
@@ -92,32 +97,66 @@ async def approve_spending(estimate: float, approve_above: float | None) -> None
         raise PlanError(f"spending {estimate:g} credits was not approved; nothing was sent")
 
 
-async def run_one(job: VideoJob, entry: BatchEntry, resubmit_failed: bool) -> None:
-    started = time.monotonic()
+def one_line(text: str | None) -> str:
+    return " ".join((text or "no reason given").split())[:500]
+
+
+async def run_here(job: VideoJob, resubmit_failed: bool) -> str | None:
+    """The job as a subflow run of this process: None when it succeeded, else why it failed."""
     state = await produce_video(job=job, resubmit_failed=resubmit_failed, return_state=True)
+    if state.is_completed():
+        return None
+    error = await state.aresult(raise_on_failure=False)
+    return one_line(str(error) if isinstance(error, BaseException) else state.message)
+
+
+async def run_on_a_worker(job: VideoJob, resubmit_failed: bool, deployment: str, account: str) -> str | None:
+    """The job as a run of the produce-video deployment, on whichever worker takes it.
+
+    The idempotency key is the account, the job's identity and this batch run: a retry of the batch run gets
+    the job's existing flow run back instead of starting it twice (a new batch run starts new job runs, which
+    resume from the cache and the job's ledger).
+    """
+    identity_of_job = f"{job.effective_job_id()}:{digest(job.step_contents())[:16]}"
+    started = await arun_deployment(
+        deployment, parameters={"job": job.model_dump(mode="json"), "resubmit_failed": resubmit_failed},
+        timeout=0, idempotency_key=f"kling:{account}:{identity_of_job}:{flow_run.id}", as_subflow=True)
+    finished = cast(FlowRun, await wait_for_flow_run(started.id, timeout=WORKER_RUN_TIMEOUT, poll_interval=5))
+    state = finished.state
+    if state is not None and state.is_completed():
+        return None
+    return one_line(f"{state.name}: {state.message}" if state is not None else "the run has no state")
+
+
+async def run_one(job: VideoJob, entry: BatchEntry, resubmit_failed: bool, deployment: str | None,
+                  account: str) -> None:
+    started = time.monotonic()
+    error = await (run_on_a_worker(job, resubmit_failed, deployment, account) if deployment
+                   else run_here(job, resubmit_failed))
     entry.seconds = round(time.monotonic() - started, 1)
     sink = open_sink(job.dest)
-    manifest = await asyncio.to_thread(load_manifest, sink, entry.job_id)
+    manifest = await asyncio.to_thread(load_manifest, sink, entry.job_id)  # the job's ledger is the record
     entry.credits = manifest.credits_charged if manifest else None
     entry.manifest_uri = f"{sink.dest.rstrip('/')}/{manifest_key(entry.job_id)}"
-    if state.is_completed():
-        entry.status, entry.final_uri = "succeeded", str(await state.aresult())
+    if error is None and manifest is not None and manifest.final_uri:
+        entry.status, entry.final_uri = "succeeded", manifest.final_uri
         entry.contact_sheet_key = contact_sheet_key(entry.job_id)
     else:
-        entry.status = "failed"
-        error = await state.aresult(raise_on_failure=False)
-        entry.error = " ".join(str(error).split())[:500] if isinstance(error, BaseException) else state.message
+        entry.status, entry.error = "failed", error or "the job ended without a final video"
 
 
 @flow(name="produce-batch", flow_run_name=batch_run_name)
 async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | None = None, dest: str | None = None,
                         max_credits: float | None = None, approve_above: float | None = None,
-                        batch_id: str | None = None, resubmit_failed: bool = False) -> list[BatchEntry]:
+                        batch_id: str | None = None, resubmit_failed: bool = False, via_deployment: bool = False,
+                        video_deployment: str = VIDEO_DEPLOYMENT) -> list[BatchEntry]:
     """Produce every job of the batch; returns one entry per job (status, final URI, credits, seconds).
 
     `jobs`: inline jobs, or `jobs_file`: a YAML/JSON/JSONL/CSV jobs file (DESIGN §5). `dest` applies to jobs
     without their own and holds the batch manifest. `max_credits` is the budget of the whole batch;
     `approve_above` pauses for approval in the UI before any request when the estimate is above it.
+    `via_deployment`: each job is its own run of `video_deployment`, so workers on many machines share the
+    batch (the account's global concurrency limit holds across all of them).
     """
     logger = get_run_logger()
     settings = load_settings()
@@ -134,8 +173,9 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
     sink = open_sink(dest or DEFAULT_DEST)
     await asyncio.to_thread(save_batch, sink, manifest)
     await ensure_account_limit(account, settings.max_concurrency)
-    await asyncio.gather(*(run_one(job, entry, resubmit_failed) for job, entry in zip(batch, manifest.jobs,
-                                                                                      strict=True)))
+    deployment = video_deployment if via_deployment else None
+    await asyncio.gather(*(run_one(job, entry, resubmit_failed, deployment, account)
+                           for job, entry in zip(batch, manifest.jobs, strict=True)))
     manifest.status = "failed" if manifest.failed else "succeeded"
     await asyncio.to_thread(save_batch, sink, manifest)
     await asyncio.to_thread(publish_batch_summary, manifest)
