@@ -182,3 +182,63 @@ def test_spelling_out_a_default_is_the_same_plan() -> None:
 
 GOLDEN_IDS = ["golden-s0-47e82793e5168df3", "golden-s1-e89732222906964e", "golden-s2-7fb666224e4cd89b"]
 GOLDEN_DERIVED = ("job-ffefdfc24263", "kp-s0-47e82793e5168df3")
+
+
+def test_each_planned_step_carries_its_own_request_fields() -> None:
+    """The id is the content's, but the request is built from the step: a shifted prompt pays for the wrong video."""
+    spec = VideoJob(generate=GenerationSpec(prompt="a fox", negative_prompt="blur", cfg_scale=0.7),
+                    extensions=[ExtensionSpec(prompt="it runs", negative_prompt="rain", cfg_scale=0.2),
+                                ExtensionSpec(prompt="it jumps"), ExtensionSpec(prompt="it sleeps", cfg_scale=0.9)])
+    steps = plan_job(spec).steps
+    assert [(s.prompt, s.negative_prompt, s.cfg_scale) for s in steps] == [
+        ("a fox", "blur", 0.7), ("it runs", "rain", 0.2), ("it jumps", None, None), ("it sleeps", None, 0.9)]
+    assert [s.kind for s in steps] == ["text2video", "video-extend", "video-extend", "video-extend"]
+
+
+@pytest.mark.parametrize("url", ["http://cdn.test/fox.png", "https://cdn.test/fox.png?sig=abc"])
+def test_an_image_url_is_not_checked_as_a_local_file(url: str) -> None:
+    plan = plan_job(job(image=url))
+    assert plan.steps[0].kind == "image2video"
+
+
+def test_image2video_has_its_own_model_list() -> None:
+    """kling-v1-5 renders image2video only: accepted with an image, refused without one."""
+    assert plan_job(job(image="https://cdn.test/fox.png", model_name="kling-v1-5")).steps[0].kind == "image2video"
+    with pytest.raises(ValidationError, match="cannot do text2video"):
+        job(model_name="kling-v1-5")
+
+
+def test_an_image_of_exactly_10_mib_is_accepted(tmp_path: Path) -> None:
+    edge = tmp_path / "edge.png"
+    with edge.open("wb") as fh:
+        fh.truncate(10 * 1024 * 1024)
+    assert plan_job(job(image=str(edge))).steps[0].kind == "image2video"
+    with edge.open("ab") as fh:
+        fh.write(b"1")
+    with pytest.raises(ValidationError, match="at most 10 MB"):
+        job(image=str(edge))
+
+
+def test_a_plan_that_costs_exactly_the_budget_is_allowed() -> None:
+    plan_it = job("a", "b").model_copy(update={"max_credits": 3})
+    assert plan_job(plan_it).estimated_credits == 3
+    check_budget(plan_it, plan_job(plan_it))
+
+
+def test_for_date_leaves_jobs_without_a_date_alone() -> None:
+    from datetime import date
+
+    derived, named = job("a"), job("a").model_copy(update={"job_id": "kite"})
+    assert derived.for_date(date(2026, 1, 2)) is derived
+    assert named.for_date(date(2026, 1, 2)).job_id == "kite"
+
+
+def test_the_public_spec_names_the_job_and_drops_a_signed_url_query() -> None:
+    signed = "https://cdn.test/fox.png?X-Amz-Signature=SECRETSIG&X-Amz-Credential=AKIA#frag"
+    spec = job("it runs", image=signed).public_spec()
+    assert spec["generate"]["image"] == "https://cdn.test/fox.png"
+    assert "SECRETSIG" not in str(spec) and "AKIA" not in str(spec)
+    assert spec["job_id"] == job("it runs", image=signed).effective_job_id()
+    assert spec["extensions"] == [{"prompt": "it runs", "negative_prompt": None, "cfg_scale": None}]
+    named = job().model_copy(update={"job_id": "kite"}).public_spec()
+    assert named["job_id"] == "kite" and named["generate"]["image"] is None
