@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob
-from kling_tasks.manifest import load_manifest
-from kling_tasks.preflight import prepare
+from kling_tasks.manifest import Manifest, StepRecord, load_manifest
+from kling_tasks.preflight import attempts_from, prepare
 from kling_tasks.recorder import JobRecorder
 from kling_tasks.settings import KlingSettings
 from kling_tasks.storage import LocalSink
@@ -81,3 +81,56 @@ def test_every_request_is_checked_before_anything_is_sent(tmp_path: Path) -> Non
     with pytest.raises(PlanError, match="no Kling credentials"):
         prepare(job(tmp_path), KlingSettings())
     assert not (tmp_path / "kite").exists()
+
+
+def step_record(index: int, status: str, attempt: int = 0) -> StepRecord:
+    return StepRecord(index=index, name=f"step-{index}", kind="text2video" if index == 0 else "video-extend",
+                      external_task_id=f"kite-s{index}-{'0' * 16}", attempt=attempt, status=status)  # type: ignore[arg-type]
+
+
+def test_attempts_are_read_back_from_the_ledger_and_bumped_only_for_failed_steps_when_asked() -> None:
+    ledger = Manifest(job_id="kite", provider="kling", steps=[
+        step_record(0, "failed"), step_record(1, "stored", attempt=2), step_record(2, "succeed"),
+        step_record(3, "failed", attempt=1), step_record(4, "submitting")])
+    assert attempts_from(None, resubmit_failed=True) == {}
+    assert attempts_from(ledger, resubmit_failed=False) == {1: 2, 3: 1}, "a failed task is never resubmitted silently"
+    assert attempts_from(ledger, resubmit_failed=True) == {0: 1, 1: 2, 3: 2}
+
+
+def test_a_failed_step_keeps_its_task_unless_resubmit_failed_and_then_keeps_the_new_attempt(tmp_path: Path) -> None:
+    spec = job(tmp_path, "a red kite", "it climbs")
+    first = prepare(spec, SETTINGS)
+    ledger = JobRecorder(first.sink, spec, first.plan, "kling", first.previous, account=first.account)
+    ledger.failed(first.plan.steps[0], "risk control")
+    ids = [s.external_task_id for s in first.plan.steps]
+
+    again = prepare(spec, SETTINGS)
+    assert [s.external_task_id for s in again.plan.steps] == ids, "no new attempt without --resubmit-failed"
+    resubmitted = prepare(spec, SETTINGS, resubmit_failed=True)
+    assert [s.attempt for s in resubmitted.plan.steps] == [1, 0]
+    new_ids = [s.external_task_id for s in resubmitted.plan.steps]
+    assert new_ids[0] != ids[0] and new_ids[1] != ids[1], "the new attempt and every later step are new tasks"
+
+    JobRecorder(resubmitted.sink, spec, resubmitted.plan, "kling", resubmitted.previous, account=resubmitted.account)
+    resumed = prepare(spec, SETTINGS)
+    assert [s.external_task_id for s in resumed.plan.steps] == new_ids, "a rerun continues attempt 1, not 0"
+
+
+def test_the_budget_is_checked_before_anything_is_sent(tmp_path: Path) -> None:
+    estimate = prepare(job(tmp_path, "a red kite", "it climbs"), SETTINGS).plan.estimated_credits
+    assert prepare(job(tmp_path, "a red kite", "it climbs", max_credits=estimate), SETTINGS).plan
+    with pytest.raises(PlanError, match="over max_credits"):
+        prepare(job(tmp_path, "a red kite", "it climbs", max_credits=estimate - 0.5), SETTINGS)
+
+
+def test_an_unusable_destination_or_an_unreadable_ledger_is_one_line_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PlanError, match=r"destination '.*a-file' is not usable") as refused:
+        prepare(job(blocker), SETTINGS)
+    assert "\n" not in str(refused.value)
+    (tmp_path / "out" / "kite").mkdir(parents=True)
+    (tmp_path / "out" / "kite" / "manifest.json").write_text("{not json")
+    with pytest.raises(PlanError, match=r"the manifest of job kite under .* cannot be read"):
+        prepare(job(tmp_path / "out"), SETTINGS)
+    assert (tmp_path / "out" / "kite" / "manifest.json").read_text() == "{not json", "never overwritten"
