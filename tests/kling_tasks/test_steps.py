@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 
-from kling_tasks.api import AccountError, BackPressureError, ServerError, TaskFailedError, TransportError
+from kling_tasks import steps
+from kling_tasks.api import AccountError, BackPressureError, ServerError, TaskFailedError, TaskSnapshot, TransportError
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+from kling_tasks.recorder import JobRecorder
+from kling_tasks.settings import KlingSettings
+from kling_tasks.step_results import Rendered
 from kling_tasks.steps import (
     is_this_tasks,
     retry_if_storage_transient,
@@ -17,10 +22,11 @@ from kling_tasks.steps import (
     store_step,
     submit_cache_key,
     submit_step,
+    summarize,
     wait_cache_key,
     wait_step,
 )
-from kling_tasks.storage import DestinationError, DownloadError, StoredObject
+from kling_tasks.storage import DestinationError, DownloadError, LocalSink, StoredObject
 
 SECRET_PROMPT = "a very private storyline"
 JOB = VideoJob(generate=GenerationSpec(prompt=SECRET_PROMPT), extensions=[ExtensionSpec(prompt="x")], job_id="j")
@@ -137,3 +143,163 @@ def obj(task_id: str | None, sha256: str = "aa") -> StoredObject:
 )
 def test_an_object_is_reused_only_with_proof(stored: StoredObject | None, proven: str | None, reuse: bool) -> None:
     assert is_this_tasks(stored, "T1", proven) is reuse
+
+
+@pytest.mark.anyio
+async def test_a_completed_store_is_never_retried() -> None:
+    assert await retry_if_storage_transient(None, None, Completed(data=obj("T1"))) is False
+
+
+# ---- the wait's cached result: what the ledger records for the step -----------------------------------------
+
+
+def succeeded(**fields: Any) -> TaskSnapshot:
+    return TaskSnapshot.model_validate({
+        "task_id": "8601", "task_status": "succeed", "task_info": {"external_task_id": "j-s1-abc"},
+        "task_result": {"videos": [{"id": "v-8601", "url": "https://cdn.test/8601.mp4", "duration": "5.042"}]},
+        "final_unit_deduction": "1.5", "created_at": 1_000_000, "updated_at": 1_061_000, "request_id": "req-9",
+        **fields})
+
+
+def test_summarize_keeps_the_ids_the_video_the_credits_and_the_times() -> None:
+    rendered = summarize("video-extend", succeeded(), processing_since_ms=1_011_000)
+    assert rendered == Rendered(kind="video-extend", task_id="8601", external_task_id="j-s1-abc", video_id="v-8601",
+                                url="https://cdn.test/8601.mp4", duration=5.042, credits=1.5, request_id="req-9",
+                                queued_seconds=11.0, processing_seconds=50.0)
+
+
+def test_summarize_without_a_processing_observation_counts_it_all_as_processing() -> None:
+    rendered = summarize("text2video", succeeded(), processing_since_ms=None)
+    assert (rendered.queued_seconds, rendered.processing_seconds) == (0.0, 61.0)
+    skewed = summarize("text2video", succeeded(), processing_since_ms=900_000)  # a clock before created_at
+    assert (skewed.queued_seconds, skewed.processing_seconds) == (0.0, 161.0)
+    late = summarize("text2video", succeeded(), processing_since_ms=1_070_000)  # seen after updated_at
+    assert (late.queued_seconds, late.processing_seconds) == (70.0, 0.0)
+
+
+# ---- the store: proofs of a cached store, the metadata that proves an S3 object -----------------------------
+
+
+class FakeSink:
+    def __init__(self, objects: dict[str, StoredObject] | None = None) -> None:
+        self.objects = objects or {}
+        self.heads: list[str] = []
+        self.stores: list[dict[str, Any]] = []
+        self.dest = "s3://bucket/videos"
+
+    def head(self, key: str) -> StoredObject | None:
+        self.heads.append(key)
+        return self.objects.get(key)
+
+    def store_from_url(self, url: str, key: str, **kwargs: Any) -> StoredObject:
+        self.stores.append({"url": url, "key": key, **kwargs})
+        return StoredObject(uri=f"s3://bucket/videos/{key}", size=3, sha256="fresh", key=key,
+                            task_id=kwargs["metadata"]["task_id"])
+
+
+class FakeStoreTask:
+    """Stands in for the Prefect store task: records each call, and the options of a re-run."""
+
+    def __init__(self, *results: StoredObject) -> None:
+        self.results = list(results)
+        self.calls: list[tuple[dict[str, Any], tuple[Any, ...]]] = []
+
+    async def __call__(self, *args: Any) -> StoredObject:
+        self.calls.append(({}, args))
+        return self.results.pop(0)
+
+    def with_options(self, **options: Any) -> Any:
+        async def run(*args: Any) -> StoredObject:
+            self.calls.append((options, args))
+            return self.results.pop(0)
+        return run
+
+
+KEY = "j/step-01.mp4"
+CACHED = StoredObject(uri=f"s3://bucket/videos/{KEY}", size=3, sha256="aa", key=KEY, task_id="T1")
+AGAIN = StoredObject(uri=f"s3://bucket/videos/{KEY}", size=4, sha256="bb", key=KEY, task_id="T1")
+
+
+def patch_store(monkeypatch: pytest.MonkeyPatch, sink: FakeSink, store: FakeStoreTask) -> None:
+    monkeypatch.setattr(steps, "store_step", store)
+    monkeypatch.setattr(steps, "open_sink", lambda dest: sink)
+    monkeypatch.setattr(steps, "get_run_logger", lambda: logging.getLogger("test-steps"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("current", [CACHED, CACHED.model_copy(update={"task_id": None})])
+async def test_a_cached_store_whose_object_is_still_there_is_kept(monkeypatch: pytest.MonkeyPatch,
+                                                                  current: StoredObject) -> None:
+    sink, store = FakeSink({KEY: current}), FakeStoreTask(CACHED)
+    patch_store(monkeypatch, sink, store)
+    assert await steps.store_proven("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa") == CACHED
+    assert store.calls == [({}, ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa"))]
+    assert sink.heads == [KEY]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("current", [
+    None,  # deleted since the cached store
+    CACHED.model_copy(update={"sha256": "changed"}),  # overwritten with other bytes
+    CACHED.model_copy(update={"task_id": "T2"}),  # another task's video now sits there
+])
+async def test_a_cached_store_whose_object_is_gone_or_changed_stores_again(monkeypatch: pytest.MonkeyPatch,
+                                                                           current: StoredObject | None) -> None:
+    sink, store = FakeSink({KEY: current} if current else {}), FakeStoreTask(CACHED, AGAIN)
+    patch_store(monkeypatch, sink, store)
+    assert await steps.store_proven("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa") == AGAIN
+    assert [options for options, _ in store.calls] == [{}, {"refresh_cache": True}]
+    assert store.calls[1][1] == ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, None), \
+        "stored again without the stale proof"
+
+
+class FakeClient:
+    """Stands in for KlingClient in `_download`: answers every GET with `snapshot` and records it."""
+
+    snapshot: ClassVar[TaskSnapshot]
+    gets: ClassVar[list[tuple[str, str]]] = []
+
+    def __init__(self, settings: KlingSettings) -> None:
+        assert isinstance(settings, KlingSettings)
+
+    async def __aenter__(self) -> FakeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def get(self, kind: str, task_id: str) -> TaskSnapshot:
+        self.gets.append((kind, task_id))
+        return self.snapshot
+
+
+@pytest.mark.anyio
+async def test_the_download_asks_kling_for_a_fresh_url_and_tags_the_object_with_the_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeClient.snapshot, FakeClient.gets = succeeded(), []
+    monkeypatch.setattr(steps, "KlingClient", FakeClient)
+    sink = FakeSink()
+    settings = KlingSettings(access_key="ak", secret_key="sk", allow_private_urls=True)
+    stored = await steps._download(settings, sink, "video-extend", "8601", KEY, "j", STEP)  # type: ignore[arg-type]
+    assert FakeClient.gets == [("video-extend", "8601")]
+    assert sink.stores == [{"url": "https://cdn.test/8601.mp4", "key": KEY, "allow_private": True, "metadata": {
+        "job_id": "j", "task_id": "8601", "step": "1", "external_task_id": STEP.external_task_id}}]
+    assert stored.task_id == "8601"
+
+
+@pytest.mark.anyio
+async def test_a_task_without_a_video_is_never_stored(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeClient.snapshot = TaskSnapshot.model_validate({"task_id": "8601", "task_status": "failed"})
+    monkeypatch.setattr(steps, "KlingClient", FakeClient)
+    sink = FakeSink()
+    with pytest.raises(RuntimeError, match="Kling task 8601 has no video to store"):
+        await steps._download(KlingSettings(), sink, "text2video", "8601", KEY, "j", STEP)  # type: ignore[arg-type]
+    assert sink.stores == []
+
+
+def test_the_steps_find_their_jobs_ledger(tmp_path: Path) -> None:
+    plan = plan_job(JOB)
+    with JobRecorder(LocalSink(tmp_path), JOB, plan, "kling", None, account=ACCOUNT) as ledger:
+        assert steps._ledger("j") is ledger
+        assert steps._ledger("another-job") is None
+    assert steps._ledger("j") is None
