@@ -13,11 +13,15 @@ from kling_tasks.api import (
     InvalidRequestError,
     KlingClient,
     NotFoundError,
+    RetryPolicy,
     ServerError,
     Text2VideoRequest,
     TransportError,
 )
 from kling_tasks.api.lookup import TaskFinder
+from kling_tasks.api.submit import submit
+
+from .conftest import make_settings
 
 pytestmark = pytest.mark.anyio
 T2V = Text2VideoRequest(prompt="a lighthouse at dusk")
@@ -342,3 +346,80 @@ async def test_positional_call_stays_compatible(make_client, fake) -> None:
     async with make_client(fake) as client:
         result = await KlingClient.submit(client, T2V, EXT)
     assert result.snapshot.external_task_id == EXT
+
+
+# ---- found by mutation testing (docs/mutation.md) -------------------------------------------------------------
+
+
+async def test_submit_called_directly_posts_a_fresh_id_and_wants_evidence_only_when_told(make_client, fake) -> None:
+    """The module's own defaults (not only the client wrapper's): no doubt unless may_exist, no licence to post."""
+    async with make_client(fake) as client:
+        with pytest.raises(AmbiguousSubmitError):
+            await submit(client, T2V, EXT, may_exist=True)  # nothing known yet: "not found" proves nothing
+        assert fake.posts() == []
+        fresh = await submit(client, T2V, EXT)
+    assert fresh.via == "created" and len(fake.posts()) == 1
+
+
+async def test_ambiguous_transport_failures_end_with_the_transport_error_once_the_budget_is_spent(
+        make_client, fake) -> None:
+    fake.add_task("text2video", CONTROL)  # proves the lookup: each "not found" after a timeout is evidence
+    fake.fail("POST", exc=httpx.ReadTimeout, times=10)  # every create times out before the server makes it
+    async with make_client(fake) as client:
+        with pytest.raises(TransportError) as info:
+            await client.submit(T2V, EXT)
+    assert info.value.may_have_been_sent and info.value.external_task_id == EXT
+    assert len(fake.posts()) == 3 and len(fake.tasks) == 1
+
+
+def client_with_real_backoff(fake, clock) -> KlingClient:
+    return KlingClient(make_settings(), transport=fake.transport, sleep=clock.sleep, clock=clock,
+                       retry=RetryPolicy(base_delay=1.0, max_delay=20.0, jitter=0.0, max_posts=3))
+
+
+async def test_resending_an_unsent_create_backs_off_from_one_second(fake, clock) -> None:
+    fake.fail("POST", exc=httpx.ConnectError, times=2)
+    async with client_with_real_backoff(fake, clock) as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 3
+    assert clock.sleeps == [1.0, 2.0]
+
+
+async def test_the_lookup_after_an_ambiguous_create_waits_from_one_second(fake, clock) -> None:
+    fake.add_task("text2video", CONTROL)
+    fake.fail("POST", response=fake.envelope(None, 5000, 500, "internal error"), times=2)  # nothing created
+    async with client_with_real_backoff(fake, clock) as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 3
+    assert clock.sleeps == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("how", ["1201", "ambiguous"])
+async def test_a_task_adopted_after_a_post_becomes_a_known_task_of_its_kind(make_client, fake, how: str) -> None:
+    task_id = fake.add_task("text2video", EXT)
+    if how == "1201":
+        fake.fail("GET", response=fake.envelope([]), times=3)  # the pre-POST search misses; the POST says 1201
+    else:
+        del fake.tasks[task_id]
+        fake.fail("POST", exc=httpx.ReadTimeout, after=True)  # created, the answer lost
+    async with make_client(fake) as client:
+        result = await client.submit(T2V, EXT)
+        assert result.adopted and result.via == ("1201" if how == "1201" else "lookup")
+        assert (EXT, result.snapshot.task_id) in client._finder.known("text2video"), "a positive control from now on"
+
+
+async def test_refusals_to_adopt_name_the_task_and_the_step(make_client, fake) -> None:
+    other = fake.add_task("text2video", "other-s0-1234")
+    async with make_client(fake) as client:
+        with pytest.raises(NotFoundError) as missing:
+            await client.submit(T2V, EXT, adopt_task_id="123")
+        with pytest.raises(InvalidRequestError) as foreign:
+            await client.submit(T2V, EXT, adopt_task_id=other)
+        with pytest.raises(InvalidRequestError) as contradiction:
+            await client.submit(T2V, EXT, adopt_task_id="1", assume_not_created=True)
+    err = missing.value
+    assert (err.task_id, err.external_task_id, err.code, err.http_status) == ("123", EXT, 1203, 404)
+    assert err.request_id is not None and err.request_id in str(err)
+    assert (foreign.value.task_id, foreign.value.external_task_id) == (other, EXT)
+    assert contradiction.value.external_task_id == EXT
+    assert fake.posts() == []
