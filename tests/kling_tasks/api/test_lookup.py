@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from kling_tasks.api import AmbiguousSubmitError, InvalidRequestError, KlingClient, Text2VideoRequest
-from kling_tasks.api.lookup import LIST_PAGE_SIZE, LIST_PAGES, TaskFinder
+from kling_tasks.api.lookup import KNOWN_PER_KIND, LIST_PAGE_SIZE, LIST_PAGES, TaskFinder
 
 from .conftest import FAST_RETRY, make_settings
 
@@ -181,3 +181,133 @@ async def test_path_answer_without_echo_is_adopted_unless_known_as_another(make_
         fake.fail("GET", response=fake.envelope([]))  # and the list page misses: POST
         second = await client.submit(T2V, other)
     assert second.via == "created" and second.snapshot.task_id != task_id and len(fake.posts()) == 1
+
+
+# ---- found by mutation testing (docs/mutation.md) -------------------------------------------------------------
+
+
+def is_path_form(fake, request: httpx.Request) -> bool:
+    """GET /{kind}/{key} where key is not a task id: the path form of the external-id lookup."""
+    head, _, key = request.url.path.rpartition("/")
+    return request.method == "GET" and head.count("/") == 3 and key not in fake.tasks
+
+
+def refuse(fake, what: str, code: int = 1200, status: int = 400) -> None:
+    match = {"query": lambda r: "external_task_id" in r.url.params, "list": lambda r: "pageNum" in r.url.params}[what]
+    fake.fail("GET", response=fake.envelope(None, code, status, "refused"), times=100, match=match)
+
+
+async def test_path_only_lookup_is_proven_by_a_control_even_without_an_echo(make_client, fake) -> None:
+    # A provider whose path form resolves the external id but answers without task_info.
+    def no_echo(request: httpx.Request) -> httpx.Response:
+        key = request.url.path.rpartition("/")[2]
+        for task_id, task in fake.tasks.items():
+            if task["task_info"].get("external_task_id") == key:
+                return fake.envelope({**fake.public(task_id), "task_info": {}})
+        return fake.envelope(None, 1203, 404, "task not found")
+
+    control = fake.add_task("text2video", CONTROL)
+    fake.fail("GET", response=no_echo, times=100, match=lambda r: is_path_form(fake, r))
+    lost_before_creating(fake)
+    async with make_client(fake, external_id_lookup="path") as client:
+        client.remember("text2video", CONTROL, control)
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 2
+    assert TaskFinder._proofs == {("kling", "https://kling.test", "path")}
+    assert all("external_task_id" not in r.url.params for r in fake.gets()), "path mode never asks the query form"
+
+
+async def test_a_path_form_that_answers_with_another_task_is_never_evidence(make_client, fake) -> None:
+    # The path form returns the same (known) task for any id: it finds the control, so it looks proven.
+    fake.unique_ext = False  # a second create would be a second paid task
+    control = fake.add_task("text2video", CONTROL)
+    refuse(fake, "query")
+    refuse(fake, "list")
+    fake.fail("GET", response=lambda r: fake.envelope(fake.public(control)), times=100,
+              match=lambda r: is_path_form(fake, r))  # fmt: skip
+    fake.fail("POST", exc=httpx.ReadTimeout, after=True)  # created, the answer lost
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, control)
+        with pytest.raises(AmbiguousSubmitError) as info:
+            await client.submit(T2V, EXT)
+    assert len(fake.posts()) == 1 and len(fake.tasks) == 2
+    assert f"answered with task(s) {control}" in str(info.value) and "list page 1" in str(info.value)
+
+
+async def test_a_control_that_cannot_be_asked_proves_nothing(make_client, fake) -> None:
+    control = fake.add_task("text2video", CONTROL)
+    asks_control = lambda r: r.url.params.get("external_task_id") == CONTROL or r.url.path.endswith(CONTROL)  # noqa: E731
+    fake.fail("GET", response=fake.envelope(None, 1101, 403, "account abnormal"), times=100, match=asks_control)
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, control)
+        with pytest.raises(AmbiguousSubmitError):
+            await client.submit(T2V, EXT)
+    assert len(fake.posts()) == 1 and TaskFinder._proofs == set()
+
+
+async def test_a_control_found_under_another_task_id_proves_nothing(make_client, fake) -> None:
+    # The ledger knows CONTROL as task 999999; the server has CONTROL, but as another task.
+    fake.add_task("text2video", CONTROL)
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        client.remember("text2video", CONTROL, "999999")
+        with pytest.raises(AmbiguousSubmitError):
+            await client.submit(T2V, EXT)
+    assert len(fake.posts()) == 1 and TaskFinder._proofs == set()
+
+
+async def test_a_lookup_get_is_retried_before_the_form_gives_up(make_client, fake) -> None:
+    task_id = fake.add_task("text2video", EXT)
+    fake.fail("GET", response=fake.envelope(None, 5000, 500, "internal error"),
+              match=lambda r: "external_task_id" in r.url.params)  # fmt: skip
+    async with make_client(fake, external_id_lookup="query") as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "lookup" and result.snapshot.task_id == task_id and fake.posts() == []
+    assert len(fake.gets_with(external_task_id=EXT)) == 2 and all("pageNum" not in r.url.params for r in fake.gets())
+
+
+async def test_a_list_page_get_is_retried_before_the_scan_gives_up(make_client, fake) -> None:
+    task_id = fake.add_task("text2video", EXT)
+    fake.fail("GET", response=fake.envelope(None, 5001, 503, "maintenance"), match=lambda r: "pageNum" in r.url.params)
+    async with make_client(fake, external_id_lookup="off") as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "list" and result.snapshot.task_id == task_id and fake.posts() == []
+
+
+async def test_a_form_still_failing_after_its_retries_hands_over_to_the_next_form(make_client, fake) -> None:
+    task_id = fake.add_task("text2video", EXT)
+    refuse(fake, "query", code=5000, status=500)  # transient, but through all of the client's retries
+    async with make_client(fake) as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "lookup" and result.snapshot.task_id == task_id and fake.posts() == []
+    assert any(r.url.path == f"/v1/videos/text2video/{EXT}" for r in fake.gets()), "found by the path form"
+
+
+async def test_an_unreadable_list_is_no_evidence_and_no_error_before_the_first_post(make_client, fake) -> None:
+    refuse(fake, "list", code=5001, status=503)
+    async with make_client(fake, external_id_lookup="off") as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 1
+
+
+async def test_a_malformed_task_in_a_list_page_does_not_hide_ours(make_client, fake) -> None:
+    task_id = fake.add_task("text2video", EXT)
+    odd = {"task_status": "submitted", "task_info": {"external_task_id": "other-s0-1"}}  # no task_id
+    fake.fail("GET", response=lambda r: fake.envelope([odd, fake.public(task_id)]),
+              match=lambda r: "pageNum" in r.url.params)  # fmt: skip
+    async with make_client(fake, external_id_lookup="off") as client:
+        result = await client.submit(T2V, EXT)
+    assert result.via == "list" and result.snapshot.task_id == task_id and fake.posts() == []
+
+
+async def test_known_tasks_are_bounded_and_keep_the_most_recent(make_client, fake) -> None:
+    async with make_client(fake) as client:
+        for i in range(KNOWN_PER_KIND + 6):
+            client.remember("text2video", f"job-s0-{i}", str(i))
+        client.remember("text2video", "", "77")  # nothing to look up by
+        client.remember("text2video", "job-s0-x", "")  # nothing to find
+        known = client._finder.known("text2video")
+    assert len(known) == KNOWN_PER_KIND
+    assert known[0] == (f"job-s0-{KNOWN_PER_KIND + 5}", str(KNOWN_PER_KIND + 5)), "most recent first"
+    assert known[-1] == ("job-s0-6", "6"), "the oldest ones go first"
