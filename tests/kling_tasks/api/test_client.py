@@ -11,13 +11,16 @@ import httpx
 import pytest
 
 from kling_tasks.api import (
+    AccountError,
     AuthError,
+    BackPressureError,
     ConfigError,
     InvalidRequestError,
     JwtAuth,
     KlingClient,
     KlingProtocolError,
     LookupUnsupportedError,
+    NotFoundError,
     ServerError,
     Text2VideoRequest,
     TransportError,
@@ -224,3 +227,72 @@ async def test_auto_uses_path_when_query_form_is_refused(make_client, fake) -> N
         snap = await client.get_by_external_id("text2video", "job-s0-r")
     assert snap is not None and snap.task_id == task_id
     assert fake.gets()[1].url.path == "/v1/videos/text2video/job-s0-r"
+
+
+# ---- found by mutation testing (docs/mutation.md): the body code decides, then the status ----------------------
+
+
+@pytest.mark.parametrize(("code", "error"), [(1303, BackPressureError), (1102, AccountError),
+                                             (1201, InvalidRequestError), (5000, ServerError)])
+async def test_an_error_code_in_an_http_200_envelope_is_that_error(make_client, fake, code: int, error: type) -> None:
+    fake.fail("POST", response=fake.envelope(None, code, 200, "refused, politely"))
+    async with make_client(fake) as client:
+        with pytest.raises(error) as info:
+            await client.create(T2V, "job-s0-1")
+    assert type(info.value) is error and info.value.code == code and fake.tasks == {}
+
+
+@pytest.mark.parametrize(("code", "status", "error"), [
+    (0, 503, ServerError),  # a success code with an error status: the status tells what happened
+    (200, 404, NotFoundError),
+    (9999, 503, ServerError),  # a code outside Kling's ranges goes by the status too
+    (9999, 400, InvalidRequestError),
+])
+async def test_a_code_that_does_not_classify_falls_back_on_the_status(make_client, fake, code: int, status: int,
+                                                                      error: type) -> None:
+    fake.fail("POST", response=fake.envelope(None, code, status, "odd"))
+    async with make_client(fake) as client:
+        with pytest.raises(error) as info:
+            await client.create(T2V, "job-s0-1")
+    assert type(info.value) is error and info.value.http_status == status
+
+
+@pytest.mark.parametrize(("body", "status", "error"), [
+    ({"error": "not kling"}, 200, KlingProtocolError),  # a 2xx we cannot read: ambiguous for a create
+    ({"code": "0", "data": {"task_id": "1"}}, 200, KlingProtocolError),  # a code that is not a number
+    ({"detail": "bad gateway"}, 502, ServerError),
+])
+async def test_json_that_is_not_a_kling_envelope_goes_by_the_status(make_client, fake, body: dict[str, Any],
+                                                                    status: int, error: type) -> None:
+    fake.fail("POST", response=httpx.Response(status, json=body))
+    async with make_client(fake) as client:
+        with pytest.raises(error) as info:
+            await client.create(T2V, "job-s0-1")
+    assert type(info.value) is error and info.value.http_status == status
+
+
+async def test_a_create_answer_without_an_echo_carries_the_external_id_sent(make_client, fake) -> None:
+    fake.fail("POST", response=fake.envelope({"task_id": "861", "task_status": "submitted"}))
+    async with make_client(fake) as client:
+        snap = await client.create(T2V, "job-s0-1")
+    assert (snap.task_id, snap.external_task_id) == ("861", "job-s0-1")
+
+
+async def test_get_takes_its_own_task_out_of_a_list_answer_and_never_another(make_client, fake) -> None:
+    mine, other = fake.add_task("text2video", "job-s0-1"), fake.add_task("text2video", "other-s0-2")
+    both = lambda r: fake.envelope([fake.public(other), fake.public(mine)])  # noqa: E731
+    fake.fail("GET", response=both)
+    fake.fail("GET", response=lambda r: fake.envelope([fake.public(other)]))
+    async with make_client(fake) as client:
+        assert (await client.get("text2video", mine)).task_id == mine
+        with pytest.raises(KlingProtocolError):
+            await client.get("text2video", mine)
+
+
+async def test_wait_polls_the_kind_it_was_given(make_client, fake) -> None:
+    task_id = fake.add_task("video-extend", "job-s1-1")
+    fake.progress[task_id] = ["processing", "succeed"]
+    async with make_client(fake) as client:
+        final = await client.wait("video-extend", task_id)
+    assert final.task_status == "succeed"
+    assert {r.url.path for r in fake.gets()} == {f"/v1/videos/video-extend/{task_id}"}
