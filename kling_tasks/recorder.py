@@ -29,6 +29,7 @@ from kling_tasks.manifest import (
     save_manifest,
     step_key,
 )
+from kling_tasks.messenger import Messenger
 from kling_tasks.observability.contact_sheet import contact_sheet_key, store_contact_sheet
 from kling_tasks.step_results import Rendered, Submission
 from kling_tasks.storage import Sink, StoredObject
@@ -105,7 +106,7 @@ class JobRecorder:
         # Transitions come from the flow and from worker threads (the write-ahead intent, concurrent stores):
         # one at a time, so each save carries a consistent ledger and saves land in order.
         self._lock = threading.RLock()
-        self._telling = threading.Lock()  # observers keep state (artifact ids): one notification at a time
+        self._messenger = Messenger(self.observers, _warn)  # observers are told off the paid steps' path
         if replaced is not None:
             self._set_aside(replaced)
         kept = {record.external_task_id: record for record in (previous.steps if previous else [])}
@@ -145,17 +146,13 @@ class JobRecorder:
                            len(replaced.steps), key)
 
     def _notify(self, hook: str, *args: Any) -> None:
-        with self._telling:
-            with self._lock:  # observers read a copy: another thread may be recording the next transition
-                manifest = self.manifest.model_copy(deep=True)
-            self._tell(manifest, hook, *args)
+        with self._lock:  # observers read a copy: another thread may be recording the next transition
+            manifest = self.manifest.model_copy(deep=True)
+        self._messenger.tell(hook, manifest, *args)
 
-    def _tell(self, manifest: Manifest, hook: str, *args: Any) -> None:
-        for observer in self.observers:
-            try:
-                getattr(observer, hook)(manifest, *args)
-            except Exception as exc:  # observability must never fail (and so re-pay) a step
-                _warn(f"publishing the job's {hook} state ({type(observer).__name__})", exc)
+    def flush(self) -> None:
+        """Wait until the observers have been told everything (a job's end: its artifacts are complete)."""
+        self._messenger.flush()
 
     def save(self) -> None:
         with self._lock:
@@ -242,6 +239,7 @@ class JobRecorder:
             self.save()
         self._transition(step, "failed", status="failed", status_msg=message)
         self._notify("failed")
+        self.flush()
 
     def stored(self, step: PlannedStep, stored: StoredObject) -> None:
         self._transition(step, "stored", status="stored", uri=stored.uri, size=stored.size, sha256=stored.sha256)
@@ -257,6 +255,7 @@ class JobRecorder:
         self.manifest.status = "succeeded"
         self.save()
         self._notify("finished", final, self._contact_sheet(final, reuse=unchanged))
+        self.flush()
         return final
 
     def _contact_sheet(self, final: StoredObject, *, reuse: bool) -> StoredObject | None:

@@ -140,6 +140,8 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 class ArtifactPublisher:
     """Publishes one job's artifacts into the current flow run. Create it inside the flow run."""
 
+    coalesce = True  # it shows the whole ledger: of several changes waiting, the newest is enough
+
     def __init__(self, sink: Sink, job_id: str, flow_run_id: UUID, run_tags: tuple[str, ...] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.sink = sink

@@ -126,6 +126,29 @@ def test_outside_a_flow_run_there_is_no_artifact_publisher(tmp_path: Path) -> No
     assert [type(o) for o in observers] == [EventEmitter, ProgressFeed]
 
 
+def test_a_slow_observer_never_holds_up_a_step_and_misses_nothing(tmp_path: Path) -> None:
+    import threading
+
+    release = threading.Event()
+
+    class Stuck(FakeObserver):
+        coalesce = False
+
+        def changed(self, manifest: Manifest, transition: Transition) -> None:
+            release.wait(20)  # a told-in-line observer would make each step wait for this
+            super().changed(manifest, transition)
+
+    observer = Stuck()
+    recorder, sink, plan = make(tmp_path, observer)
+    run_steps(recorder, sink, plan)
+    assert observer.transitions == [], "every step was recorded while the observer was still stuck"
+    assert [s.status for s in recorder.manifest.steps] == ["stored", "stored"]
+    release.set()
+    recorder.flush()
+    assert len(observer.transitions) == 10, "every transition was told, in order"
+    assert observer.transitions[0] == (0, "submitting") and observer.transitions[-1] == (1, "stored")
+
+
 def test_tasks_find_the_ledger_of_their_job_while_it_is_open(tmp_path: Path) -> None:
     recorder, _, _ = make(tmp_path, None)
     assert active("kite") is None
@@ -160,6 +183,7 @@ def test_a_rerun_keeps_finished_steps(tmp_path: Path) -> None:
     observer = FakeObserver()
     again, sink, plan = make(tmp_path, observer, previous=first.manifest)
     run_steps(again, sink, plan)  # the flow calls the recorder for Cached steps too
+    again.flush()
     assert observer.calls[0][2] == ["stored", "stored"]
     assert observer.transitions == [], "a replayed transition is neither rewritten nor announced"
 
