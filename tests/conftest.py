@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -159,11 +160,22 @@ def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
+def quiet_werkzeug() -> None:
+    """moto's server logs every request through werkzeug, which adds a stream handler on sys.stderr the first
+    time it logs: inside a CliRunner call that stream is the runner's capture, closed afterwards ("I/O
+    operation on closed file" in later CLI output). A handler of our own and WARNING keep it silent."""
+    werkzeug = logging.getLogger("werkzeug")
+    werkzeug.setLevel(logging.WARNING)
+    if not werkzeug.handlers:
+        werkzeug.addHandler(logging.NullHandler())
+
+
 @pytest.fixture
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch, isolated_aws: None) -> Iterator[str]:
     """moto's real S3 HTTP server on a free port, reached through boto3's standard environment."""
     from moto.server import ThreadedMotoServer
 
+    quiet_werkzeug()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
