@@ -361,9 +361,9 @@ def test_killed_between_a_refused_create_and_its_resend_resumes(
     emulator: Any, crash_env: dict[str, str], emulator_faults: Any, tmp_path: Path
 ) -> None:
     """Kling refuses the first extension's create with 1303 (back-pressure: nothing was created, DESIGN 2.3);
-    the run waits to resend and is killed while it waits. Its ledger holds the intent written before the
-    refused POST. Nothing exists at Kling for that step and the run knew it: running the same command again
-    must resume (one task for the step), not stop and ask the user to check the console."""
+    the run waits to resend and is killed while it waits. Nothing exists at Kling for that step and the run
+    knew it (the refusal withdrew the write-ahead intent): running the same command again must resume (one
+    task for the step), not stop and ask the user to check the console."""
     job_id = new_job_id("crash-refused")
     ids = plan_for(job_id)
     emulator_faults([{"match": "create:video-extend", "kind": "http_error", "params": {"code": 1303}}])
