@@ -8,9 +8,11 @@ ends Failed if any did, with a summary artifact and `{dest}/{batch_id}.json` nex
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections.abc import Awaitable
 from datetime import date
+from pathlib import Path
 from typing import cast
 
 from prefect import flow, get_run_logger
@@ -24,14 +26,14 @@ from flows.video import produce_video, run_date
 from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
 from kling_tasks.identity import account_fingerprint, digest
 from kling_tasks.jobs import PlanError, VideoJob, plan_job
-from kling_tasks.jobs_file import check_batch_budget, load_jobs
+from kling_tasks.jobs_file import JobsFileError, check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
 from kling_tasks.observability.batch_summary import publish_batch_summary
 from kling_tasks.observability.contact_sheet import contact_sheet_key
 from kling_tasks.preflight import prepare
 from kling_tasks.settings import KlingSettings, load_settings
 from kling_tasks.slots import ensure_account_limit
-from kling_tasks.storage import open_sink
+from kling_tasks.storage import DestinationError, open_sink
 
 DEFAULT_DEST = "./kling-output"
 VIDEO_DEPLOYMENT = "produce-video/produce-video"
@@ -54,10 +56,36 @@ def batch_run_name() -> str:
     return str(given) if given else "produce-batch"
 
 
+def read_jobs_file(uri: str, dest: str | None) -> list[VideoJob]:
+    """A jobs file from a local path (relative to the run's working directory) or `s3://bucket/key`.
+
+    An S3 object is downloaded to a temporary file with the same name, so its suffix picks the parser; errors
+    name the URI, not the temporary copy.
+    """
+    if not uri.startswith("s3://"):
+        return load_jobs(uri, dest=dest)
+    folder, _, name = uri.removeprefix("s3://").rpartition("/")
+    if not folder or not name:
+        raise JobsFileError(f"{uri}: expected s3://bucket/key for a jobs file")
+    try:
+        data = open_sink(f"s3://{folder}").read_bytes(name)
+    except (DestinationError, ValueError) as exc:
+        raise JobsFileError(f"{uri}: cannot read the jobs file: {exc}") from None
+    if data is None:
+        raise JobsFileError(f"{uri}: cannot read the jobs file: no such object")
+    with tempfile.TemporaryDirectory(prefix="kling-jobs-") as folder_copy:
+        local = Path(folder_copy) / name
+        local.write_bytes(data)
+        try:
+            return load_jobs(local, dest=dest)
+        except JobsFileError as exc:
+            raise JobsFileError(str(exc).replace(str(local), uri)) from None
+
+
 def resolve_jobs(jobs: list[VideoJob] | None, jobs_file: str | None, dest: str | None, day: date) -> list[VideoJob]:
     if (jobs is None) == (jobs_file is None):
         raise PlanError("give the batch either jobs or a jobs_file, not both or neither")
-    loaded = load_jobs(jobs_file, dest=dest) if jobs_file is not None else [
+    loaded = read_jobs_file(jobs_file, dest) if jobs_file is not None else [
         job if dest is None or "dest" in job.model_fields_set else job.model_copy(update={"dest": dest})
         for job in jobs or []]
     resolved = [job.for_date(day) for job in loaded]
@@ -131,8 +159,11 @@ async def run_on_a_worker(job: VideoJob, resubmit_failed: bool, deployment: str,
 async def run_one(job: VideoJob, entry: BatchEntry, resubmit_failed: bool, deployment: str | None,
                   account: str) -> None:
     started = time.monotonic()
-    error = await (run_on_a_worker(job, resubmit_failed, deployment, account) if deployment
-                   else run_here(job, resubmit_failed))
+    try:
+        error = await (run_on_a_worker(job, resubmit_failed, deployment, account) if deployment
+                       else run_here(job, resubmit_failed))
+    except Exception as exc:  # the orchestration itself failed (a Prefect API error): this job only
+        error = one_line(f"{type(exc).__name__}: {exc}")
     entry.seconds = round(time.monotonic() - started, 1)
     sink = open_sink(job.dest)
     manifest = await asyncio.to_thread(load_manifest, sink, entry.job_id)  # the job's ledger is the record
@@ -174,8 +205,15 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
     await asyncio.to_thread(save_batch, sink, manifest)
     await ensure_account_limit(account, settings.max_concurrency)
     deployment = video_deployment if via_deployment else None
-    await asyncio.gather(*(run_one(job, entry, resubmit_failed, deployment, account)
-                           for job, entry in zip(batch, manifest.jobs, strict=True)))
+    # Jobs in flight at once: the slots bound the Kling work; twice as many keeps the next jobs prepared for the
+    # moment a slot frees without opening hundreds of flow runs on the Prefect API at once.
+    in_flight = asyncio.Semaphore(2 * settings.max_concurrency)
+
+    async def gated(job: VideoJob, entry: BatchEntry) -> None:
+        async with in_flight:
+            await run_one(job, entry, resubmit_failed, deployment, account)
+
+    await asyncio.gather(*(gated(job, entry) for job, entry in zip(batch, manifest.jobs, strict=True)))
     manifest.status = "failed" if manifest.failed else "succeeded"
     await asyncio.to_thread(save_batch, sink, manifest)
     await asyncio.to_thread(publish_batch_summary, manifest)
