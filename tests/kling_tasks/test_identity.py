@@ -29,6 +29,7 @@ def test_the_fingerprint_names_provider_host_and_key_without_revealing_them() ->
     assert account_fingerprint(settings(provider="cometapi", cometapi_key="ak-1")) != base
     assert account_fingerprint(settings(secret_key="another-secret")) == base, "the secret is not the account"
     assert "ak-1" not in base and SECRET not in base
+    assert re.fullmatch(r"[0-9a-f]{12}", account_fingerprint(KlingSettings())), "no key yet: still an account name"
 
 
 def test_cometapi_accounts_are_their_keys() -> None:
@@ -108,6 +109,7 @@ def test_the_store_key_ignores_a_trailing_slash_only() -> None:
     assert store_key("acc", "t1", "s3://b/p/", "job/step-00.mp4") == key
     assert store_key("acc", "t1", "/abs/out/", "job/step-00.mp4") == store_key("acc", "t1", "/abs/out",
                                                                                "job/step-00.mp4")
+    assert store_key("acc", "t1", "s3://b/BOX", "k") != store_key("acc", "t1", "s3://b/BO", "k")
     expected = sha("s3://b/p/job/step-00.mp4")[:16]
     assert key == f"kling/v2/acc/store/t1/{expected}"
     assert store_key("acc", "t1", "/abs/out", "job/step-00.mp4") != store_key("acc", "t1", "abs/out",

@@ -240,5 +240,7 @@ def test_the_public_spec_names_the_job_and_drops_a_signed_url_query() -> None:
     assert "SECRETSIG" not in str(spec) and "AKIA" not in str(spec)
     assert spec["job_id"] == job("it runs", image=signed).effective_job_id()
     assert spec["extensions"] == [{"prompt": "it runs", "negative_prompt": None, "cfg_scale": None}]
+    plain = job(image="http://cdn.test/fox.png?token=SECRET#x").public_spec()
+    assert plain["generate"]["image"] == "http://cdn.test/fox.png"
     named = job().model_copy(update={"job_id": "kite"}).public_spec()
     assert named["job_id"] == "kite" and named["generate"]["image"] is None

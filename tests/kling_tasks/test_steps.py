@@ -14,7 +14,7 @@ from kling_tasks.api import AccountError, BackPressureError, ServerError, TaskFa
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
 from kling_tasks.recorder import JobRecorder
 from kling_tasks.settings import KlingSettings
-from kling_tasks.step_results import Rendered
+from kling_tasks.step_results import Rendered, Submission
 from kling_tasks.steps import (
     is_this_tasks,
     retry_if_storage_transient,
@@ -222,7 +222,7 @@ AGAIN = StoredObject(uri=f"s3://bucket/videos/{KEY}", size=4, sha256="bb", key=K
 
 def patch_store(monkeypatch: pytest.MonkeyPatch, sink: FakeSink, store: FakeStoreTask) -> None:
     monkeypatch.setattr(steps, "store_step", store)
-    monkeypatch.setattr(steps, "open_sink", lambda dest: sink)
+    monkeypatch.setattr(steps, "open_sink", lambda dest: {"s3://bucket/videos": sink}[dest])
     monkeypatch.setattr(steps, "get_run_logger", lambda: logging.getLogger("test-steps"))
 
 
@@ -303,3 +303,20 @@ def test_the_steps_find_their_jobs_ledger(tmp_path: Path) -> None:
         assert steps._ledger("j") is ledger
         assert steps._ledger("another-job") is None
     assert steps._ledger("j") is None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("task_id", "proof"), [("T1", "aa"), ("T9", None)])
+async def test_the_ledger_proves_a_store_only_for_the_task_it_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       task_id: str, proof: str | None) -> None:
+    plan = plan_job(JOB)
+    ledger = JobRecorder(LocalSink(tmp_path), JOB, plan, "kling", None, account=ACCOUNT)
+    ledger.submitted(STEP, Submission(task_id="T1", external_task_id=STEP.external_task_id, adopted=False))
+    ledger.stored(STEP, CACHED)  # an earlier run stored task T1's video, sha256 "aa"
+    fresh = CACHED.model_copy(update={"task_id": task_id, "sha256": "cc", "size": 9})
+    sink, store = FakeSink({KEY: fresh}), FakeStoreTask(fresh)
+    patch_store(monkeypatch, sink, store)
+    await steps.store_into_ledger(ledger, STEP, task_id, "s3://bucket/videos", ACCOUNT)
+    assert store.calls == [({}, ("j", STEP, "video-extend", task_id, "s3://bucket/videos", ACCOUNT, proof))]
+    record = ledger.record(STEP)
+    assert (record.status, record.uri, record.size, record.sha256) == ("stored", fresh.uri, 9, "cc")

@@ -296,3 +296,23 @@ async def test_wait_polls_the_kind_it_was_given(make_client, fake) -> None:
         final = await client.wait("video-extend", task_id)
     assert final.task_status == "succeed"
     assert {r.url.path for r in fake.gets()} == {f"/v1/videos/video-extend/{task_id}"}
+
+
+def test_the_polling_settings_reach_the_poll_policy() -> None:
+    settings = KlingSettings(access_key="ak", secret_key="sk", poll_min_seconds=2, poll_max_seconds=7,
+                             wait_timeout_seconds=100, queue_timeout_seconds=50)
+    policy = KlingClient(settings)._poll
+    assert (policy.min_interval, policy.max_interval, policy.processing_timeout, policy.queue_timeout) == (
+        2, 7, 100, 50)
+
+
+async def test_api_redirects_are_never_followed_and_every_call_says_json(make_client, fake) -> None:
+    fake.fail("GET", response=httpx.Response(302, headers={"Location": "https://elsewhere.test/v1/videos/x"}))
+    async with make_client(fake) as client:
+        with pytest.raises(KlingProtocolError):
+            await client.get("text2video", "861")
+        await client.create(T2V, "job-s0-1")
+    assert [r.url.host for r in fake.requests] == ["kling.test", "kling.test"], "a redirect could carry the token"
+    for request in fake.requests:
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["accept"].lower() == "application/json"

@@ -311,3 +311,16 @@ async def test_known_tasks_are_bounded_and_keep_the_most_recent(make_client, fak
     assert len(known) == KNOWN_PER_KIND
     assert known[0] == (f"job-s0-{KNOWN_PER_KIND + 5}", str(KNOWN_PER_KIND + 5)), "most recent first"
     assert known[-1] == ("job-s0-6", "6"), "the oldest ones go first"
+
+
+@pytest.mark.parametrize("control_kind", ["image2video", "video-extend"])
+async def test_a_known_task_of_another_kind_proves_the_form(make_client, fake, control_kind: str) -> None:
+    """A form is one wire shape for every kind: the task an extension continues proves its lookup, and back."""
+    control = fake.add_task(control_kind, CONTROL)
+    lost_before_creating(fake)
+    async with make_client(fake) as client:
+        client.remember(control_kind, CONTROL, control)  # type: ignore[arg-type]
+        result = await client.submit(T2V, EXT)
+    assert result.via == "created" and len(fake.posts()) == 2
+    assert any(r.url.path == f"/v1/videos/{control_kind}" and r.url.params.get("external_task_id") == CONTROL
+               for r in fake.gets()), "the control was asked under its own kind"
