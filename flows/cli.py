@@ -271,3 +271,59 @@ def batch(jobs_file: Annotated[Path, typer.Argument(help="YAML/JSON (jobs: + def
         print(f"{entry.job_id}\t{entry.final_uri or entry.error}")
     if manifest.failed:
         fail(f"{len(manifest.failed)} of {len(manifest.jobs)} job(s) failed")
+
+
+@app.command()
+def serve(limit: Annotated[int | None, typer.Option(
+              "--limit", help="At most this many flow runs at once in this process (default: no bound).")] = None,
+          ) -> None:
+    """Serve produce-video and produce-batch from this process, without a work pool (until Ctrl-C)."""
+    from prefect import aserve
+
+    from flows.batch import produce_batch
+    from flows.video import produce_video
+
+    settings_or_exit()  # the runs read the same environment: refuse a bad one before serving
+
+    async def serve_both() -> None:
+        # The names of deployments/prefect.yaml, so `run_deployment("produce-video/produce-video")` and a batch
+        # with via_deployment=True find the served flow. No flow retries: a crashed run resumes by running again.
+        video = await produce_video.ato_deployment(name="produce-video", tags=["kling"],
+                                                   description="One long video: fill in the job form.")
+        batch = await produce_batch.ato_deployment(
+            name="produce-batch", tags=["kling", "batch"], parameters={"via_deployment": True},
+            description="Many jobs: inline, or a jobs file (a path or an s3:// URI).")
+        await aserve(video, batch, limit=limit)
+
+    asyncio.run(serve_both())
+
+
+@app.command()
+def setup(pool: Annotated[str, typer.Option("--pool", help="The process work pool to create.")] = "kling",
+          silent_after: Annotated[float | None, typer.Option(
+              "--silent-after", help="Seconds without a heartbeat before a run is marked Crashed "
+                                     "(default: 3 x PREFECT_FLOWS_HEARTBEAT_FREQUENCY).")] = None,
+          reschedule_after: Annotated[float, typer.Option(
+              "--reschedule-after", help="Seconds a crashed produce-video run stays Crashed before it is "
+                                         "rescheduled (once).")] = 30) -> None:
+    """Create or update the work pool, the account's global concurrency limit and the crash automations."""
+    from datetime import timedelta
+
+    import httpx
+
+    from kling_tasks.setup import SetupError, set_up
+
+    settings = settings_or_exit()
+    for option, seconds in (("--silent-after", silent_after), ("--reschedule-after", reschedule_after)):
+        if seconds is not None and seconds < 10:
+            fail(f"{option} must be at least 10 seconds (Prefect's minimum for a proactive trigger)", 2)
+    try:
+        report = asyncio.run(set_up(
+            settings, pool=pool, silent_after=timedelta(seconds=silent_after) if silent_after is not None else None,
+            settle=timedelta(seconds=reschedule_after)))
+    except SetupError as exc:
+        fail(str(exc), 2)
+    except (httpx.HTTPError, OSError, RuntimeError) as exc:
+        fail(f"cannot set up the Prefect server: {' '.join(str(exc).split())[:300]}")
+    for line in report.lines():
+        print(line)
