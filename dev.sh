@@ -31,7 +31,8 @@ case "$cmd" in
         ensure_venv
         .venv/bin/ruff check .
         .venv/bin/mypy
-        exec .venv/bin/pytest "$@"
+        # Two workers, one test file each at a time (files share module-scoped servers); -n 0 runs in-process.
+        exec .venv/bin/pytest -n 2 --dist loadfile "$@"
         ;;
     *)
         echo "usage: ./dev.sh demo | ./dev.sh test [pytest args]" >&2
