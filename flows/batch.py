@@ -11,11 +11,12 @@ import asyncio
 import tempfile
 import time
 from collections.abc import Awaitable
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import cast
+from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
 from prefect.flow_runs import pause_flow_run, wait_for_flow_run
@@ -31,6 +32,7 @@ from kling_tasks.manifest import load_manifest, manifest_key
 from kling_tasks.observability.batch_summary import publish_batch_summary
 from kling_tasks.observability.contact_sheet import contact_sheet_key
 from kling_tasks.preflight import prepare
+from kling_tasks.recovery import DEFAULT_SETTLE
 from kling_tasks.settings import KlingSettings, load_settings
 from kling_tasks.slots import ensure_account_limit
 from kling_tasks.storage import DestinationError, open_sink
@@ -39,6 +41,8 @@ DEFAULT_DEST = "./kling-output"
 VIDEO_DEPLOYMENT = "produce-video/produce-video"
 # wait_for_flow_run gives up after 3 h by default; a 36-step chain behind a busy account can take longer.
 WORKER_RUN_TIMEOUT = 48 * 3600
+# How long a Crashed first run is watched for the automation's reschedule (it acts after DEFAULT_SETTLE).
+RESCHEDULE_GRACE = DEFAULT_SETTLE + timedelta(seconds=90)
 
 
 class BatchFailed(RuntimeError):
@@ -138,6 +142,23 @@ async def run_here(job: VideoJob, resubmit_failed: bool) -> str | None:
     return one_line(str(error) if isinstance(error, BaseException) else state.message)
 
 
+async def wait_through_a_reschedule(run_id: UUID) -> FlowRun:
+    """Wait for the job's run; a first run that Crashed (its machine was lost) may still be rescheduled by the
+    automation `kling-pipeline setup` ships, so it is watched for a while before it counts as the outcome
+    (Prefect's wait_for_flow_run returns on the first terminal state, and Crashed is one)."""
+    finished = cast(FlowRun, await wait_for_flow_run(run_id, timeout=WORKER_RUN_TIMEOUT, poll_interval=5))
+    if finished.state is None or not finished.state.is_crashed() or finished.run_count > 1:
+        return finished
+    deadline = time.monotonic() + RESCHEDULE_GRACE.total_seconds()
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(2)
+            run = await client.read_flow_run(run_id)
+            if run.state is not None and not run.state.is_crashed():  # rescheduled: wait for the new attempt
+                return cast(FlowRun, await wait_for_flow_run(run_id, timeout=WORKER_RUN_TIMEOUT, poll_interval=5))
+    return finished
+
+
 async def run_on_a_worker(job: VideoJob, resubmit_failed: bool, deployment: str, account: str) -> str | None:
     """The job as a run of the produce-video deployment, on whichever worker takes it.
 
@@ -149,7 +170,7 @@ async def run_on_a_worker(job: VideoJob, resubmit_failed: bool, deployment: str,
     started = await arun_deployment(
         deployment, parameters={"job": job.model_dump(mode="json"), "resubmit_failed": resubmit_failed},
         timeout=0, idempotency_key=f"kling:{account}:{identity_of_job}:{flow_run.id}", as_subflow=True)
-    finished = cast(FlowRun, await wait_for_flow_run(started.id, timeout=WORKER_RUN_TIMEOUT, poll_interval=5))
+    finished = await wait_through_a_reschedule(started.id)
     state = finished.state
     if state is not None and state.is_completed():
         return None

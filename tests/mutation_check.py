@@ -109,7 +109,7 @@ def run(mutation: Mutation) -> tuple[bool, float, str]:
         result = subprocess.run(
             [str(ROOT / ".venv/bin/python"), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests],
             cwd=tree, env=env, capture_output=True, text=True, check=False)
-        lines = [line for line in result.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        lines = [line for line in result.stdout.splitlines() if line.startswith(("FAILED ", "ERROR tests/"))]
         summary = lines[0] if lines else (result.stdout.strip().splitlines() or [""])[-1]
         return result.returncode != 0, time.monotonic() - started, summary
     finally:

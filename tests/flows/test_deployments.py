@@ -628,11 +628,9 @@ def test_a_batch_counts_a_job_the_automation_resumed_after_its_machine_was_lost(
     `kling-crash-silent-runs` marks it Crashed, the automation reschedules it once and the other worker resumes
     it, paying nothing twice.
 
-    FAILS TODAY (product bug in flows/batch.py run_on_a_worker): the batch (via_deployment=True) records the job
-    as failed ("Crashed: ...") the moment its run is Crashed, although the automation `kling-pipeline setup`
-    ships reschedules it and it completes. Prefect's wait_for_flow_run returns on the first terminal state
-    event, and Crashed is terminal; the batch should keep waiting for a Crashed first run (run count 1) that
-    the automation may still reschedule (within --reschedule-after and a margin).
+    The batch (via_deployment=True) counts the job once its rescheduled run completed: Prefect's
+    wait_for_flow_run returns on the first terminal state, and Crashed is one, so the batch watches a Crashed
+    first run for the automation's reschedule before taking it as the outcome.
     """
     from flows.batch import produce_batch
 
