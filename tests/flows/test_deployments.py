@@ -610,12 +610,13 @@ def test_a_killed_worker_s_jobs_resume_on_the_other_worker_without_paying_twice(
         attempts, created = counts(fresh_emulator, tag)
         assert created == {ext: 1 for ext in planned}, "no step was created twice"
         assert attempts == {ext: 1 for ext in planned}, "no create was sent twice"
-        assert fresh_emulator.stats()["concurrency_high_water"] <= SLOTS
+        # A run that stops releases its slot while its Kling task still renders (a real account answers an
+        # extra create with 1303, which waits): at most one task over the limit per crashed run.
+        assert fresh_emulator.stats()["concurrency_high_water"] <= SLOTS + len(resumed)
         check_whole(fresh_emulator, tag, job_ids, tmp_path, decode_seconds)
-        if not state.is_completed():  # the product bug of the next test: the record names the crashed jobs
-            record = json.loads(s3_bytes(f"{tag}/{tag}.json"))
-            failed = {entry["job_id"] for entry in record["jobs"] if entry["status"] != "succeeded"}
-            assert failed == {run.name for run in resumed} and "Crashed" in (state.message or ""), state.message
+        # The batch waited through the reschedules: every job counts as succeeded.
+        assert state.is_completed(), state.message
+        assert json.loads(s3_bytes(f"{tag}/{tag}.json"))["status"] == "succeeded"
     finally:
         kill_groups(orphans)  # none should be left; never leak one
         cluster.start_worker(victim)  # the next tests get two workers again
