@@ -1,4 +1,4 @@
-"""`kling-pipeline`: run, estimate, status and demo (DESIGN §4).
+"""`kling-pipeline`: run, estimate, status, batch, serve, setup and demo (DESIGN §5).
 
 Progress goes to stderr; `run` prints the final video's URI as the last line on stdout. Errors are one
 line and a non-zero exit: 2 for a plan refused before anything was sent, 1 for a failure during the run.
