@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 
 from rich.console import Console
 from rich.live import Live
@@ -24,15 +24,18 @@ class _Row:
     info: str = ""
 
 
-class LiveProgress:
-    def __init__(self, plan: Plan, console: Console):
-        self.plan = plan
-        self.started = time.monotonic()
-        self.rows = {step.index: _Row(step.name) for step in plan.steps}
-        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
-        self._unsubscribe: Callable[[], None] = lambda: None
+class _LiveTable:
+    """A rich table on stderr, redrawn from the progress notices while the `with` block runs."""
 
-    def __enter__(self) -> LiveProgress:
+    live: Live
+
+    def _on_notice(self, notice: Notice) -> None:
+        raise NotImplementedError
+
+    def _render(self) -> Table:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._unsubscribe = subscribe(self._on_notice)
         self.live.__enter__()
         return self
@@ -42,6 +45,14 @@ class LiveProgress:
         self._unsubscribe()
         self.live.update(self._render())
         self.live.__exit__(exc_type, exc, tb)
+
+
+class LiveProgress(_LiveTable):
+    def __init__(self, plan: Plan, console: Console):
+        self.plan = plan
+        self.started = time.monotonic()
+        self.rows = {step.index: _Row(step.name) for step in plan.steps}
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
 
     def _on_notice(self, notice: Notice) -> None:
         row = self.rows.get(notice.step_index)
@@ -77,25 +88,13 @@ class _JobRow:
     info: str = ""
 
 
-class BatchProgress:
+class BatchProgress(_LiveTable):
     """One row per job of a batch: step i of N, Kling status, elapsed (on stderr)."""
 
     def __init__(self, plans: list[Plan], console: Console):
         self.started = time.monotonic()
         self.rows = {plan.job_id: _JobRow(total=len(plan.steps)) for plan in plans}
         self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
-        self._unsubscribe: Callable[[], None] = lambda: None
-
-    def __enter__(self) -> BatchProgress:
-        self._unsubscribe = subscribe(self._on_notice)
-        self.live.__enter__()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._unsubscribe()
-        self.live.update(self._render())
-        self.live.__exit__(exc_type, exc, tb)
 
     def _on_notice(self, notice: Notice) -> None:
         row = self.rows.get(notice.job_id)
