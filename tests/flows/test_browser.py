@@ -17,7 +17,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 import pytest
@@ -27,6 +26,7 @@ from prefect.client.schemas.sorting import TaskRunSort
 
 from flows.video import produce_video
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob
+from tests.conftest import PrefectServer
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = [
@@ -56,7 +56,25 @@ class UiRun:
 
 
 @pytest.fixture(scope="module")
-def ui_run(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiRun]:
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server of this module's own: the Artifacts page lists every key of its server in a virtual
+    scroller, so on the session's shared server (hundreds of keys from other tests) this job's keys may lie
+    outside the rendered window."""
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = PrefectServer.start(lambda: tmp_path_factory.mktemp("prefect-ui-server"))
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield server
+            APILogWorker.drain_all(timeout=10)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def ui_run(prefect_server: PrefectServer, ui_server: PrefectServer,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiRun]:
     from kling_emulator import EmulatorConfig, start_emulator
 
     out = tmp_path_factory.mktemp("browser-videos")
@@ -83,7 +101,7 @@ def ui_run(prefect_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     summary = next(a for a in arts if a.key == f"{JOB_ID}-summary")
-    yield UiRun(prefect_server.ui_url, flow_run_id, summary.id, tmp_path_factory.mktemp("screenshots"))
+    yield UiRun(ui_server.ui_url, flow_run_id, summary.id, tmp_path_factory.mktemp("screenshots"))
 
 
 def chromium(url: str, *mode: str, profile: Path) -> str:
