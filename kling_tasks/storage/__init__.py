@@ -18,7 +18,8 @@ from .base import (
 )
 from .download import check_download_url
 from .local import LocalSink
-from .s3 import PART_SIZE, S3Sink
+from .s3 import S3Sink
+from .s3_upload import PART_SIZE
 
 __all__ = [
     "PART_SIZE",

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import boto3
 import httpx
@@ -30,13 +30,11 @@ from .base import (
     content_type_for,
 )
 from .download import fetch_to
+from .s3_upload import MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
-PART_SIZE = MIN_PART_SIZE  # smallest legal part = least memory held; 10 000 parts still allow ~48 GiB
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
 
@@ -83,9 +81,12 @@ class S3Sink:
         uri = f"s3://{self.bucket}/{self._full(key)}"
         return StoredObject(uri=uri, size=size, sha256=sha256, key=key, task_id=task_id)
 
-    def _error(self, exc: Exception, action: str) -> DestinationError:
-        """One line, no secrets: only error codes and the endpoint, never botocore's full text."""
-        where = f"s3://{self.bucket}"
+    def error(self, exc: Exception, action: str, full_key: str | None = None) -> DestinationError:
+        """One line, no secrets: only error codes and the endpoint, never botocore's full text.
+
+        With `full_key`, the line names the object (so the step: `.../step-02.mp4`) as well as the bucket.
+        """
+        where = f"s3://{self.bucket}/{full_key}" if full_key else f"s3://{self.bucket}"
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return DestinationError(
                 f"no usable AWS credentials to {action} {where} "
@@ -112,11 +113,11 @@ class S3Sink:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc, "reach") from None  # `from None`: keep botocore's text out of tracebacks
+            raise self.error(exc, "reach") from None  # `from None`: keep botocore's text out of tracebacks
         try:  # a bucket we can see but not write to would only fail after the first paid step
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
         except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc, "write to") from None
+            raise self.error(exc, "write to") from None
         with contextlib.suppress(BotoCoreError, ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=probe)
 
@@ -127,9 +128,9 @@ class S3Sink:
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in _MISSING:
                 return None
-            raise self._error(exc, "read") from None
+            raise self.error(exc, "read") from None
         except BotoCoreError as exc:
-            raise self._error(exc, "read") from None
+            raise self.error(exc, "read") from None
 
     def head(self, key: str) -> StoredObject | None:
         resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
@@ -171,7 +172,7 @@ class S3Sink:
             ):
                 return existing
         self._abort_stale_uploads(full)
-        upload = _Upload(self, full, content_type_for(key), meta)
+        upload = self.new_upload(full, content_type_for(key), meta)
         try:
             got = fetch_to(url, upload.write, expected_size=expected_size, allow_private=allow_private, http=http)
             upload.finish(got.sha256)
@@ -180,6 +181,9 @@ class S3Sink:
             raise
         self._abort_stale_uploads(full)
         return self._obj(key, got.size, got.sha256, task_id)
+
+    def new_upload(self, full_key: str, content_type: str, metadata: dict[str, str]) -> Upload:
+        return ManagedUpload(self, full_key, content_type, metadata)
 
     def _abort_stale_uploads(self, full_key: str) -> None:
         """Abort every open multipart upload of exactly `full_key` (the prefix also matches longer keys).
@@ -194,21 +198,22 @@ class S3Sink:
                     if stale.get("Key") == full_key and "UploadId" in stale:
                         s3.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=stale["UploadId"])
         except (BotoCoreError, ClientError) as exc:
-            reason = self._error(exc, "clean up")
+            reason = self.error(exc, "clean up")
             log.warning("open uploads of s3://%s/%s not cleaned up: %s", self.bucket, full_key, reason)
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         sha = hashlib.sha256(data).hexdigest()
+        full = self._full(key)
         try:  # a single PutObject is atomic: readers see the old object or the new one
             self.client.put_object(
                 Bucket=self.bucket,
-                Key=self._full(key),
+                Key=full,
                 Body=data,
                 ContentType=content_type,
                 Metadata={"sha256": sha},
             )
         except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc, "write to") from None
+            raise self.error(exc, "write to", full) from None
         return self._obj(key, len(data), sha)
 
     def read_bytes(self, key: str) -> bytes | None:
@@ -230,7 +235,7 @@ class S3Sink:
                 CopySource={"Bucket": self.bucket, "Key": self._full(src_key)},
             )
         except (BotoCoreError, ClientError) as exc:
-            raise self._error(exc, "copy within") from None
+            raise self.error(exc, "copy within") from None
         return self._obj(dst_key, src.size, src.sha256, src.task_id)
 
     def link(self, key: str, expires_seconds: int = PRESIGN_MAX_SECONDS) -> str:
@@ -241,80 +246,4 @@ class S3Sink:
                 ExpiresIn=min(expires_seconds, PRESIGN_MAX_SECONDS),
             )
         except BotoCoreError as exc:
-            raise self._error(exc, "sign a link to") from None
-
-
-class _Upload:
-    """Buffers one part at a time; a body smaller than one part becomes a single PutObject."""
-
-    def __init__(self, sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
-        self.sink, self.key, self.content_type, self.metadata = sink, full_key, content_type, metadata
-        self.buf = bytearray()
-        self.upload_id: str | None = None
-        self.parts: list[CompletedPartTypeDef] = []
-
-    def _call(self, action: str, fn: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(Bucket=self.sink.bucket, Key=self.key, **kwargs)
-        except (BotoCoreError, ClientError) as exc:
-            raise self.sink._error(exc, action) from None
-
-    def write(self, chunk: bytes) -> None:
-        self.buf += chunk
-        size = self.sink.part_size
-        while len(self.buf) >= size:
-            self._send(bytes(self.buf[:size]))
-            del self.buf[:size]
-
-    def _send(self, data: bytes) -> None:
-        s3 = self.sink.client
-        if self.upload_id is None:
-            # sha256 is unknown until the end, so it is added by the in-place copy in finish().
-            created = self._call(
-                "upload to", s3.create_multipart_upload, ContentType=self.content_type, Metadata=self.metadata
-            )
-            self.upload_id = str(created["UploadId"])
-        number = len(self.parts) + 1
-        part = self._call("upload to", s3.upload_part, UploadId=self.upload_id, PartNumber=number, Body=data)
-        self.parts.append({"ETag": part["ETag"], "PartNumber": number})
-
-    def finish(self, sha256: str) -> None:
-        s3 = self.sink.client
-        metadata = {**self.metadata, "sha256": sha256}
-        if self.upload_id is None:
-            self._call(
-                "upload to",
-                s3.put_object,
-                Body=bytes(self.buf),
-                ContentType=self.content_type,
-                Metadata=metadata,
-            )
-            return
-        if self.buf:
-            self._send(bytes(self.buf))
-        upload_id, self.upload_id = self.upload_id, None
-        self._call(
-            "upload to",
-            s3.complete_multipart_upload,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": self.parts},
-        )
-        try:  # head() ignores objects without sha256, so the window before this copy is harmless
-            self._call(
-                "tag",
-                s3.copy_object,
-                CopySource={"Bucket": self.sink.bucket, "Key": self.key},
-                Metadata=metadata,
-                MetadataDirective="REPLACE",
-                ContentType=self.content_type,
-            )
-        except BaseException:
-            with contextlib.suppress(BotoCoreError, ClientError):
-                s3.delete_object(Bucket=self.sink.bucket, Key=self.key)
-            raise
-
-    def abort(self) -> None:
-        if self.upload_id is not None:
-            with contextlib.suppress(BotoCoreError, ClientError):
-                self.sink.client.abort_multipart_upload(Bucket=self.sink.bucket, Key=self.key, UploadId=self.upload_id)
-            self.upload_id = None
+            raise self.error(exc, "sign a link to") from None

@@ -204,7 +204,7 @@ def test_s3_store_whose_upload_a_later_store_aborted_fails_retryably(bucket: str
     assert errors[0].retryable is True
     no_such_upload = ClientError({"Error": {"Code": "NoSuchUpload"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
                                  "UploadPart")
-    assert sink._error(no_such_upload, "upload to").retryable is True
+    assert sink.error(no_such_upload, "upload to").retryable is True
     assert sink.head(KEY) == second and second.sha256 == sha(data)
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     # Its retry finds the object of this very task and downloads nothing.
