@@ -1,67 +1,127 @@
-"""Store throughput and memory: emulator 720p videos streamed into a local folder and into S3 (moto, multipart).
+"""Store throughput and peak memory: large videos streamed over HTTP into moto's S3 server, against boto3's own
+`upload_file` of the same bytes from local disk.
 
-1. Render: the emulator (child process, 720p, latencies × 0.0005 so rendering dominates) makes a 10 s
-   text2video and extends it --extensions times; each step's create -> succeed wall time is recorded.
-2. Store: `open_sink(dest).store_from_url(url, key, ...)` into each sink, --repeat times, of the 10 s clip,
-   the final video and, because the emulator's synthetic frames compress to ~20 KB per second of video (far
-   below one 5 MiB S3 part), of two incompressible bodies sized like real Kling output (--sizes, MiB) served
-   by `python -m http.server` on loopback. Recorded: MiB/s (median) and memory of this process:
-     tracemalloc peak   Python allocations (all threads), in a separate pass: tracing slows the copy;
-     RSS peak delta     /proc/self/statm sampled every 2 ms, minus RSS just before the store.
-   A naive baseline (`httpx.get(url).content`, then one write) shows what unbounded memory looks like.
-Emulator and moto run as child processes, so neither their buffers nor moto's stored objects count here.
+Servers are child processes on loopback: moto's S3 server, `python -m http.server` serving incompressible
+bodies (an encoded video does not compress) and the Kling emulator (720p) for real rendered videos.
+Every measured store runs in a child process of its own (`--child`), so one size's memory cannot
+contaminate another's; the child warms up (imports, a first small store), resets its peak RSS
+(/proc/self/clear_refs), runs one store and reports its wall time and VmHWM. Methods:
 
-    .venv/bin/python bench/transfer.py             # ~90 s on 2 cores; ~55 s video; 16 and 64 MiB bodies
-    .venv/bin/python bench/transfer.py --quick     # 5 extensions (~32 s video), 8 and 32 MiB, 1 repeat
+  upload_file   boto3 `client.upload_file(path)` from local disk, default TransferConfig (the target)
+  managed       `S3Sink.store_from_url`: HTTP download -> bounded pipe -> boto3's managed transfer
+                (parallel parts, abort on failure) -> in-place copy adding the sha256 (the project's store)
+  sequential    the same store with the first, hand-written uploader (bench/sequential_upload.py)
+  local         `LocalSink.store_from_url` into a folder (fsync, rename)
+  naive         `httpx.get(url).content`, then one write: what unbounded memory looks like (sizes < 1 GiB)
+
+Methods alternate within each repeat (upload_file, managed, sequential, ...), so a load change on the shared
+machine hits them alike. MiB/s = body size / wall time of the call, median over --repeat.
+
+    .venv/bin/python bench/transfer.py             # 16, 256, 1024 MiB, 2 repeats; ~4 min on 2 cores
+    .venv/bin/python bench/transfer.py --quick     # 8 and 32 MiB, 1 repeat, 3 methods, 1 extension; < 30 s
+From Python (the lead's bench command): `import transfer; figures = transfer.run(quick=True)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
-import tracemalloc
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, `sequential_upload` when imported
 
 import common
 import httpx
 
 MB = 1024 * 1024
 BUCKET = "bench-transfer"
-PAGE = os.sysconf("SC_PAGE_SIZE")
+METHODS = ("upload_file", "managed", "sequential", "local", "naive")
+QUICK_METHODS = METHODS[:3]
+NAIVE_MAX_MB = 512  # the naive copy holds the whole body: skipped above this
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE
+# ---- the child: one store, its wall time and peak RSS --------------------------------------------------------
 
 
-@contextmanager
-def rss_peak(out: dict[str, float], period: float = 0.002) -> Iterator[None]:
-    """Sample RSS on a thread while the block runs; out['rss_delta_mb'] = peak − RSS before the block."""
-    base, peak = rss(), [0]
-    stop = threading.Event()
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss())
-            stop.wait(period)
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        out["rss_delta_mb"] = round(max(0, max(peak[0], rss()) - base) / MB, 2)
+def _reset_peak_rss() -> bool:
+    try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from sequential_upload import SequentialS3Sink
+
+    from kling_tasks.storage import LocalSink, S3Sink
+
+    method, url, path, key = spec["method"], spec["url"], spec["path"], spec["key"]
+    s3 = boto3.session.Session().client("s3")
+    sinks: dict[str, Any] = {"managed": S3Sink(BUCKET, client=s3, part_size=spec["part_size"],
+                                               concurrency=spec["concurrency"]),
+                             "sequential": SequentialS3Sink(BUCKET, client=s3, part_size=spec["part_size"]),
+                             "local": LocalSink(spec["local_dir"])}
+    copy_seconds: list[float] = []
+    started: list[float] = []
+    s3.meta.events.register("before-call.s3.CopyObject", lambda **_: started.append(time.perf_counter()))
+    s3.meta.events.register("after-call.s3.CopyObject",
+                            lambda **_: copy_seconds.append(time.perf_counter() - started[-1]))
+
+    def call(warm: bool) -> int:
+        the_url, the_key = (spec["warm_url"], key + ".warm") if warm else (url, key)
+        if method == "upload_file":
+            the_path = spec["warm_path"] if warm else path
+            s3.upload_file(the_path, BUCKET, the_key, Config=TransferConfig())
+            return os.path.getsize(the_path)
+        if method == "naive":
+            body = httpx.get(the_url, timeout=120).content
+            Path(spec["local_dir"], "naive.mp4").write_bytes(body)
+            return len(body)
+        stored = sinks[method].store_from_url(the_url, the_key, metadata={"task_id": f"bench-{the_key}"},
+                                              allow_private=True)
+        return int(stored.size)
+
+    call(warm=True)  # imports, the boto3 client, connection pools: not part of the figure
+    copy_seconds.clear()
+    rss_before = _status_kb("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    size = call(warm=False)
+    seconds = time.perf_counter() - start
+    peak = _status_kb("VmHWM")
+    return {"size_mb": round(size / MB, 2), "seconds": round(seconds, 3),
+            "rss_before_mb": round(rss_before / 1024, 1), "peak_rss_mb": round(peak / 1024, 1),
+            "peak_rss_is_of_the_store": reset, "tag_copy_seconds": round(sum(copy_seconds), 3)}
+
+
+def run_child(spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          env=env, capture_output=True, text=True, timeout=900, start_new_session=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec['method']} failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# ---- the parent: servers, bodies, the measurement plan ---------------------------------------------------------
 
 
 async def render(base_url: str, extensions: int) -> list[dict[str, Any]]:
@@ -86,108 +146,146 @@ async def render(base_url: str, extensions: int) -> list[dict[str, Any]]:
     return steps
 
 
-def naive_store(url: str, path: Path) -> int:
-    body = httpx.get(url, timeout=60).content  # the whole video in memory: what streaming avoids
-    path.write_bytes(body)
-    return len(body)
+def write_body(path: Path, size_mb: int) -> None:
+    with path.open("wb") as fh:  # incompressible, like an encoded video
+        for _ in range(size_mb):
+            fh.write(os.urandom(MB))
 
 
-def measure(fn: Callable[[], int], repeat: int) -> dict[str, Any]:
-    """MB/s and RSS peak delta over `repeat` timed runs, then one traced run for the tracemalloc peak."""
-    speeds, deltas = [], []
-    size = 0
-    for _ in range(repeat):
-        mem: dict[str, float] = {}
-        with rss_peak(mem):
-            start = time.perf_counter()
-            size = fn()
-            took = time.perf_counter() - start
-        speeds.append(size / MB / took)
-        deltas.append(mem["rss_delta_mb"])
-    tracemalloc.start()
-    try:
-        fn()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return {"size_mb": round(size / MB, 2), "mb_per_s_median": round(statistics.median(speeds), 1),
-            "mb_per_s_all": [round(s, 1) for s in speeds], "rss_delta_mb_max": max(deltas),
-            "tracemalloc_peak_mb": round(peak / MB, 2)}
+def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = None, extensions: int | None = None,
+        part_size_mb: int | None = None, concurrency: int | None = None,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure; return the figures (what the JSON holds).
 
+    quick: 8 and 32 MiB, 1 repeat, 1 extension, only upload_file / managed / sequential (< 30 s)."""
+    from kling_tasks.storage.s3_upload import CONCURRENCY, PART_SIZE
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extensions", type=int, default=10, help="extensions after the 10 s clip (default 10)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed stores per size and sink (default 3)")
-    parser.add_argument("--sizes", default="16,64", help="MiB of the two incompressible bodies (default 16,64)")
-    parser.add_argument("--quick", action="store_true", help="5 extensions, 8 and 32 MiB, 1 repeat")
-    args = parser.parse_args()
-    if args.quick:
-        args.extensions, args.repeat, args.sizes = 5, 1, "8,32"
-    sizes = [int(x) for x in args.sizes.split(",")]
-    results: dict[str, Any] = {"extensions": args.extensions, "repeat": args.repeat}
-
+    sizes = sizes or ([8, 32] if quick else [16, 256, 1024])
+    repeat = repeat or (1 if quick else 2)
+    extensions = extensions if extensions is not None else (1 if quick else 10)
+    part_size = (part_size_mb * MB) if part_size_mb else PART_SIZE
+    concurrency = concurrency or CONCURRENCY
+    results: dict[str, Any] = {"sizes_mb": sizes, "repeat": repeat, "extensions": extensions,
+                               "managed_part_size_mb": part_size / MB, "managed_concurrency": concurrency,
+                               "upload_file_config": "boto3 TransferConfig() defaults: 8 MiB parts, 10 threads"}
     with ExitStack() as stack:
         tmp = stack.enter_context(common.scratch("bench-transfer-"))
         emu = stack.enter_context(common.emulator(tmp, time_scale=0.0005, resolution="720p"))
         endpoint = stack.enter_context(common.moto_s3(tmp))
+        env = {**os.environ, **common.s3_env(endpoint), "PYTHONPATH": str(common.ROOT)}
         os.environ.update(common.s3_env(endpoint))
         import boto3
 
-        from kling_tasks.storage import PART_SIZE, open_sink
+        from kling_tasks.storage import open_sink
 
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        print(f"rendering a 10 s 720p clip + {args.extensions} extensions ...", flush=True)
-        steps = asyncio.run(render(emu.base_url, args.extensions))
+        s3 = boto3.session.Session().client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        log(f"rendering a 10 s 720p clip + {extensions} extensions ...")
+        steps = asyncio.run(render(emu.base_url, extensions))
         results["render"] = [{k: v for k, v in s.items() if k != "url"} for s in steps]
-        results["s3_part_size_mb"] = PART_SIZE / MB
-        sinks = {"local": open_sink(str(tmp / "out")), "s3": open_sink(f"s3://{BUCKET}/bench")}
+
         files = tmp / "files"
         files.mkdir()
-        for n in sizes:  # incompressible, like an encoded video
-            with (files / f"body-{n}.mp4").open("wb") as fh:
-                for _ in range(n):
-                    fh.write(os.urandom(MB))
+        write_body(files / "warm.mp4", 1)
+        for n in sizes:
+            write_body(files / f"body-{n}.mp4", n)
         port = common.free_port()
         server = common.Child("http-server", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
                                               str(port), "--directory", str(files)], tmp)
         stack.callback(server.stop)
         server.wait_http(f"http://127.0.0.1:{port}/")
-        sources = {"10s 720p clip": steps[0]["url"],
-                   f"{steps[-1]['video_seconds']:.0f}s 720p video": steps[-1]["url"],
-                   **{f"{n} MiB body": f"http://127.0.0.1:{port}/body-{n}.mp4" for n in sizes}}
+        base = f"http://127.0.0.1:{port}"
+
+        # Emulator videos are small (~20 KB per second of synthetic 720p): per-store overhead, in-process.
+        rendered = []
+        for label, url in {"10 s 720p clip": steps[0]["url"],
+                           f"{steps[-1]['video_seconds']:.0f} s 720p video": steps[-1]["url"]}.items():
+            for sname, dest in (("local", str(tmp / "out")), ("managed", f"s3://{BUCKET}/rendered")):
+                sink = open_sink(dest)
+                times = []
+                for i in range(1 if quick else 3):
+                    start = time.perf_counter()
+                    got = sink.store_from_url(url, f"r{i}-{sname}/v.mp4", metadata={"task_id": f"r{i}"},
+                                              allow_private=True)
+                    times.append(time.perf_counter() - start)
+                rendered.append({"video": label, "sink": sname, "size_mb": round(got.size / MB, 2),
+                                 "seconds_median": round(statistics.median(times), 3)})
+        results["rendered_videos"] = rendered
+
+        rows: list[dict[str, Any]] = []
         counter = iter(range(10**6))
-
-        def store(sink: Any, url: str) -> int:
-            key = f"run-{next(counter)}/video.mp4"  # a new key each time: store_from_url skips existing ones
-            return int(sink.store_from_url(url, key, metadata={"bench": "transfer"}, allow_private=True).size)
-
-        store(sinks["s3"], steps[0]["url"])  # warm-up: boto3 client, connection pools, imports
-        store(sinks["local"], steps[0]["url"])
-        naive_file = tmp / "naive.mp4"
-        rows = []
-        for vname, url in sources.items():
-            for sname, sink in sinks.items():
-                print(f"store {vname} -> {sname} ...", flush=True)
-                rows.append({"video": vname, "sink": sname,
-                             **measure(lambda s=sink, u=url: store(s, u), args.repeat)})
-            rows.append({"video": vname, "sink": "naive (read all, then write)",
-                         **measure(lambda u=url: naive_store(u, naive_file), args.repeat)})
+        for n in sizes:
+            methods = [m for m in (QUICK_METHODS if quick else METHODS) if m != "naive" or n <= NAIVE_MAX_MB]
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+            for r in range(repeat):
+                for method in methods:
+                    key = f"run-{next(counter)}/video.mp4"
+                    log(f"{n} MiB, {method}, repeat {r + 1}/{repeat} ...")
+                    spec = {"method": method, "url": f"{base}/body-{n}.mp4", "path": str(files / f"body-{n}.mp4"),
+                            "warm_url": f"{base}/warm.mp4", "warm_path": str(files / "warm.mp4"), "key": key,
+                            "local_dir": str(tmp / "out-child"), "part_size": part_size, "concurrency": concurrency}
+                    got = run_child(spec, env)
+                    if method not in ("local", "naive"):  # moto keeps objects: free its memory and disk
+                        s3.delete_object(Bucket=BUCKET, Key=key)
+                        s3.delete_object(Bucket=BUCKET, Key=key + ".warm")
+                        assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads"), "an upload left open"
+                    for leftover in (tmp / "out-child").rglob("*.mp4"):
+                        leftover.unlink()
+                    runs[method].append(got)
+            for method, got_runs in runs.items():
+                speeds = [x["size_mb"] / x["seconds"] for x in got_runs]
+                rows.append({"size_mb": n, "method": method, "mb_per_s_median": round(statistics.median(speeds), 1),
+                             "mb_per_s_all": [round(s, 1) for s in speeds],
+                             "peak_rss_mb_max": max(x["peak_rss_mb"] for x in got_runs),
+                             "rss_before_mb": got_runs[0]["rss_before_mb"],
+                             "peak_rss_is_of_the_store": all(x["peak_rss_is_of_the_store"] for x in got_runs),
+                             "tag_copy_seconds_median": round(statistics.median(
+                                 x["tag_copy_seconds"] for x in got_runs), 3)})
         results["stores"] = rows
+        results["managed_vs_upload_file"] = {
+            str(n): round(speed("managed", n, rows) / speed("upload_file", n, rows), 2) for n in sizes}
+        results["sequential_vs_upload_file"] = {
+            str(n): round(speed("sequential", n, rows) / speed("upload_file", n, rows), 2) for n in sizes}
+    return results
 
-    render_rows = results["render"]
-    ext = [r["seconds"] for r in render_rows[1:]]
-    print(f"\nrender (720p, create -> succeed): 10 s clip {render_rows[0]['seconds']:.2f} s; "
-          f"extensions median {statistics.median(ext) if ext else 0:.2f} s, last {ext[-1] if ext else 0:.2f} s; "
-          f"final video {render_rows[-1]['video_seconds']:.1f} s")
-    header = ["source", "sink", "MiB", "MiB/s", "RSS peak Δ MiB", "tracemalloc peak MiB"]
-    table = [[r["video"], r["sink"], f"{r['size_mb']:.1f}", f"{r['mb_per_s_median']:.0f}",
-              f"{r['rss_delta_mb_max']:.1f}", f"{r['tracemalloc_peak_mb']:.1f}"] for r in rows]
+
+def speed(method: str, size: int, rows: list[dict[str, Any]]) -> float:
+    return float(next(r["mb_per_s_median"] for r in rows if r["method"] == method and r["size_mb"] == size))
+
+
+def print_table(results: dict[str, Any]) -> None:
+    header = ["MiB", "method", "MiB/s", "runs", "peak RSS MiB", "RSS before", "tag copy s"]
+    table = [[str(r["size_mb"]), r["method"], f"{r['mb_per_s_median']:.0f}",
+              " ".join(f"{s:.0f}" for s in r["mb_per_s_all"]), f"{r['peak_rss_mb_max']:.1f}",
+              f"{r['rss_before_mb']:.1f}", f"{r['tag_copy_seconds_median']:.2f}"] for r in results["stores"]]
     widths = [max(len(x) for x in col) for col in zip(header, *table, strict=True)]
     for row in [header, ["-" * w for w in widths], *table]:
         print("  ".join(x.rjust(w) for x, w in zip(row, widths, strict=True)))
+    print(f"managed / upload_file: {results['managed_vs_upload_file']}; "
+          f"sequential / upload_file: {results['sequential_vs_upload_file']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="8 and 32 MiB, 1 repeat, 3 methods, 1 extension (< 30 s)")
+    parser.add_argument("--sizes", help="MiB of the bodies, comma-separated (default 16,256,1024)")
+    parser.add_argument("--repeat", type=int, help="stores per size and method (default 2)")
+    parser.add_argument("--extensions", type=int, help="extensions after the 10 s clip (default 10)")
+    parser.add_argument("--part-size", type=int, help="managed part size, MiB (default the project's)")
+    parser.add_argument("--concurrency", type=int, help="managed parts in flight (default the project's)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
+    started = time.monotonic()
+    results = run(args.quick, sizes=sizes, repeat=args.repeat, extensions=args.extensions,
+                  part_size_mb=args.part_size, concurrency=args.concurrency)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    print_table(results)
     path = common.write_result("transfer-quick" if args.quick else "transfer", results)
-    print(f"wrote {path.relative_to(common.ROOT)}")
+    print(f"wrote {path.relative_to(common.ROOT)} ({results['wall_seconds']} s)")
 
 
 if __name__ == "__main__":

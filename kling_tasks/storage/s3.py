@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
 )
@@ -30,7 +31,7 @@ from .base import (
     content_type_for,
 )
 from .download import fetch_to
-from .s3_upload import MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload
+from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -47,13 +48,17 @@ class S3Sink:
     """Objects under `s3://bucket/prefix/{key}`; sha256 and the caller's ids go into user metadata."""
 
     def __init__(
-        self, bucket: str, prefix: str = "", *, client: S3Client | None = None, part_size: int = PART_SIZE
+        self, bucket: str, prefix: str = "", *, client: S3Client | None = None, part_size: int = PART_SIZE,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes (S3 minimum)")
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.part_size = part_size
+        self.concurrency = concurrency  # parts uploaded at once
         self._client = client
 
     @property
@@ -95,6 +100,12 @@ class S3Sink:
         if isinstance(exc, BotoConnectionError):
             endpoint = self.client.meta.endpoint_url
             return DestinationError(f"cannot reach S3 endpoint {endpoint} to {action} {where}", retryable=True)
+        if isinstance(exc, HTTPClientError):  # read timeout, connection cut mid-request: boto3 gave up retrying
+            endpoint = self.client.meta.endpoint_url
+            return DestinationError(
+                f"S3 endpoint {endpoint} stopped answering while trying to {action} {where} ({type(exc).__name__})",
+                retryable=True,
+            )
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", "?"))
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
@@ -183,7 +194,7 @@ class S3Sink:
         return self._obj(key, got.size, got.sha256, task_id)
 
     def new_upload(self, full_key: str, content_type: str, metadata: dict[str, str]) -> Upload:
-        return ManagedUpload(self, full_key, content_type, metadata)
+        return ManagedUpload(self, full_key, content_type, metadata, self.concurrency)
 
     def _abort_stale_uploads(self, full_key: str) -> None:
         """Abort every open multipart upload of exactly `full_key` (the prefix also matches longer keys).

@@ -18,7 +18,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.subscribers import BaseSubscriber
 
-from .base import CHUNK_SIZE
+from .base import CHUNK_SIZE, DestinationError
 
 if TYPE_CHECKING:
     from s3transfer.futures import TransferFuture
@@ -181,6 +181,11 @@ class ManagedUpload:
             self._future.result()
         except (BotoCoreError, ClientError) as exc:
             raise self.sink.error(exc, "upload to", self.key) from None
+        except UploadStoppedError:
+            raise
+        except Exception as exc:  # e.g. KeyError 'ETag': a cut answer that parsed as a bare 200; a retry is safe
+            where = f"s3://{self.sink.bucket}/{self.key}"
+            raise DestinationError(f"S3 upload to {where} failed: {type(exc).__name__}", retryable=True) from None
         finally:
             self._shutdown()
 

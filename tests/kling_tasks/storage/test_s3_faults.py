@@ -1,0 +1,161 @@
+"""S3 that refuses, stalls or cuts a part upload, a complete, a put: the store retries or aborts, never half-visible.
+
+Every test stores through `S3FaultProxy` (a real HTTP server) in front of moto's real S3 server, with a
+client whose read timeout is short so a stall is seen as one. Afterwards the bucket is read directly
+from moto: the object is either whole (bytes, sha256 and task_id as stored) or absent, and no multipart
+upload is left open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from kling_tasks.storage import PART_SIZE, DestinationError, S3Sink
+
+from .s3_fault_proxy import Fault, S3FaultProxy
+
+KEY = "job1/step-01.mp4"
+FULL = f"videos/{KEY}"
+META = {"job_id": "job1", "task_id": "t-fault", "step": "1"}
+BIG = random.Random(11).randbytes(2 * PART_SIZE + 1024 * 1024)  # three parts: 5 + 5 + 1 MiB
+SMALL = random.Random(12).randbytes(64 * 1024)  # one PutObject
+READ_TIMEOUT = 2.0  # the proxy stalls for STALL seconds: past this, and boto3 gives up on the attempt
+STALL = 6.0
+MULTIPART_OPS = ("UploadPart", "CompleteMultipartUpload")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str, aws_env: str) -> Iterator[S3FaultProxy]:
+    server = S3FaultProxy(moto_endpoint, stall_seconds=STALL)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sink_via(proxy: S3FaultProxy, bucket: str) -> Callable[..., S3Sink]:
+    def make(attempts: int = 3) -> S3Sink:
+        client = boto3.session.Session().client("s3", endpoint_url=proxy.url, config=Config(
+            signature_version="s3v4", connect_timeout=2, read_timeout=READ_TIMEOUT,
+            retries={"mode": "standard", "max_attempts": attempts}))
+        return S3Sink(bucket, "videos", client=client)
+
+    return make
+
+
+def open_uploads(s3: Any, bucket: str) -> list[Any]:
+    return list(s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def assert_whole(s3: Any, bucket: str, data: bytes) -> None:
+    head = s3.head_object(Bucket=bucket, Key=FULL)
+    assert head["Metadata"] == {**META, "sha256": sha(data)}
+    assert sha(s3.get_object(Bucket=bucket, Key=FULL)["Body"].read()) == sha(data)
+    assert open_uploads(s3, bucket) == []
+
+
+def assert_absent(s3: Any, bucket: str) -> None:
+    with pytest.raises(ClientError) as err:
+        s3.head_object(Bucket=bucket, Key=FULL)
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    assert open_uploads(s3, bucket) == []
+
+
+# cut_response: the operation happened at S3 and its answer was lost. A complete retried after it succeeded
+# is answered 200 again (moto, like S3), so even the ambiguous complete ends whole.
+ONCE = [("UploadPart", "refuse-500"), *((op, kind) for op in (*MULTIPART_OPS, "PutObject")
+                                        for kind in ("refuse-503", "stall", "cut", "cut_response"))]
+
+
+@pytest.mark.parametrize(("operation", "kind"), ONCE)
+def test_one_fault_is_retried_and_the_object_is_whole(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any, operation: str, kind: str
+) -> None:
+    data = SMALL if operation == "PutObject" else BIG
+    name, _, status = kind.partition("-")
+    proxy.plan([Fault(operation, name, times=1, status=int(status or 503))])
+    stored = sink_via().store_from_url(source.add("/v.mp4", data), KEY, metadata=META, allow_private=True)
+    assert (stored.size, stored.sha256, stored.task_id) == (len(data), sha(data), "t-fault")
+    assert_whole(s3, bucket, data)
+    assert proxy.count(operation, name) == 1, proxy.log
+    assert proxy.count(operation, "forwarded") >= 1, "the faulted request was not retried"
+    assert source.hits["/v.mp4"] == 1, "the retry was boto3's, inside the store: the video was downloaded once"
+
+
+@pytest.mark.parametrize(("operation", "kind"), [
+    ("UploadPart", "refuse"), ("UploadPart", "stall"),
+    ("CompleteMultipartUpload", "refuse"), ("CompleteMultipartUpload", "cut"),
+    ("PutObject", "refuse"), ("PutObject", "cut"),
+    ("CopyObject", "refuse"),  # the in-place copy that adds the sha256 to a completed multipart object
+])
+def test_a_fault_that_persists_aborts_and_leaves_nothing(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any, operation: str, kind: str
+) -> None:
+    data = SMALL if operation == "PutObject" else BIG
+    proxy.plan([Fault(operation, kind, times=None)])
+    with pytest.raises(DestinationError) as err:  # two attempts per request: boto3's backoff is seconds
+        sink_via(attempts=2).store_from_url(source.add("/v.mp4", data), KEY, metadata=META, allow_private=True)
+    message = str(err.value)
+    assert err.value.retryable is True, message  # Prefect's store retries get their turn
+    assert "\n" not in message and f"s3://{bucket}/{FULL}" in message, message
+    assert proxy.count(operation, kind) >= 2, "boto3 did not retry before giving up"
+    assert_absent(s3, bucket)
+
+
+def test_a_bucket_turning_read_only_mid_upload_is_a_clear_final_error(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any
+) -> None:
+    # The multipart upload is created, then the bucket's policy starts denying s3:PutObject (every part).
+    proxy.plan([Fault("UploadPart", "read_only")])
+    with pytest.raises(DestinationError) as err:
+        sink_via().store_from_url(source.add("/v.mp4", BIG), KEY, metadata=META, allow_private=True)
+    assert str(err.value) == f"access denied to upload to s3://{bucket}/{FULL} (AccessDenied)"
+    assert err.value.retryable is False  # retrying a denied write cannot help: the job stops
+    assert proxy.count("CreateMultipartUpload", "forwarded") == 1
+    assert proxy.count("AbortMultipartUpload", "forwarded") >= 1, "the open upload was not aborted"
+    assert_absent(s3, bucket)
+
+
+def test_the_object_is_invisible_until_complete_and_unproven_until_tagged(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any
+) -> None:
+    proxy.plan([Fault("CompleteMultipartUpload", "stall"), Fault("CopyObject", "stall")])
+    sink = sink_via()
+    results: list[Any] = []
+    worker = threading.Thread(target=lambda: results.append(
+        sink.store_from_url(source.add("/v.mp4", BIG), KEY, metadata=META, allow_private=True)))
+    worker.start()
+    try:
+        wait_for(lambda: proxy.count("CompleteMultipartUpload", "stall") == 1, worker)
+        (upload,) = open_uploads(s3, bucket)  # every part is up, the complete hangs: nothing to read yet
+        assert len(s3.list_parts(Bucket=bucket, Key=FULL, UploadId=upload["UploadId"])["Parts"]) == 3
+        with pytest.raises(ClientError):
+            s3.head_object(Bucket=bucket, Key=FULL)
+        wait_for(lambda: proxy.count("CopyObject", "stall") == 1, worker)
+        # Complete: whole under its key, but without its sha256 the sink does not count it as stored.
+        assert s3.head_object(Bucket=bucket, Key=FULL)["ContentLength"] == len(BIG)
+        assert sink.head(KEY) is None
+    finally:
+        worker.join(60)
+    assert results and results[0].sha256 == sha(BIG)
+    assert_whole(s3, bucket, BIG)
+
+
+def wait_for(condition: Callable[[], bool], worker: threading.Thread, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert worker.is_alive() and time.monotonic() < deadline, "the store ended before the fault point"
+        time.sleep(0.02)
