@@ -153,7 +153,7 @@ def write_body(path: Path, size_mb: int) -> None:
 
 
 def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = None, extensions: int | None = None,
-        part_size_mb: int | None = None, concurrency: int | None = None,
+        part_size_mb: int | None = None, concurrency: int | None = None, methods: list[str] | None = None,
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; return the figures (what the JSON holds).
 
@@ -215,10 +215,11 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
         rows: list[dict[str, Any]] = []
         counter = iter(range(10**6))
         for n in sizes:
-            methods = [m for m in (QUICK_METHODS if quick else METHODS) if m != "naive" or n <= NAIVE_MAX_MB]
-            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+            chosen = methods or (QUICK_METHODS if quick else METHODS)
+            methods_here = [m for m in chosen if m != "naive" or n <= NAIVE_MAX_MB]
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods_here}
             for r in range(repeat):
-                for method in methods:
+                for method in methods_here:
                     key = f"run-{next(counter)}/video.mp4"
                     log(f"{n} MiB, {method}, repeat {r + 1}/{repeat} ...")
                     spec = {"method": method, "url": f"{base}/body-{n}.mp4", "path": str(files / f"body-{n}.mp4"),
@@ -245,18 +246,23 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
                              "mb_per_s_without_tag_copy_median": round(statistics.median(
                                  x["size_mb"] / (x["seconds"] - x["tag_copy_seconds"]) for x in got_runs), 1)})
         results["stores"] = rows
-        results["managed_vs_upload_file"] = {
-            str(n): round(speed("managed", n, rows) / speed("upload_file", n, rows), 2) for n in sizes}
-        results["managed_without_tag_copy_vs_upload_file"] = {
-            str(n): round(speed("managed", n, rows, "mb_per_s_without_tag_copy_median")
-                          / speed("upload_file", n, rows), 2) for n in sizes}
-        results["sequential_vs_upload_file"] = {
-            str(n): round(speed("sequential", n, rows) / speed("upload_file", n, rows), 2) for n in sizes}
+        for name, method, field in (("managed_vs_upload_file", "managed", "mb_per_s_median"),
+                                    ("managed_without_tag_copy_vs_upload_file", "managed",
+                                     "mb_per_s_without_tag_copy_median"),
+                                    ("sequential_vs_upload_file", "sequential", "mb_per_s_median")):
+            results[name] = ratios(rows, sizes, method, field)
     return results
 
 
-def speed(method: str, size: int, rows: list[dict[str, Any]], field: str = "mb_per_s_median") -> float:
-    return float(next(r[field] for r in rows if r["method"] == method and r["size_mb"] == size))
+def ratios(rows: list[dict[str, Any]], sizes: list[int], method: str, field: str) -> dict[str, float]:
+    """Per size: `method`'s MiB/s (`field`) over upload_file's; sizes where either was not measured are left out."""
+    out = {}
+    for n in sizes:
+        got = [r[field] for r in rows if r["method"] == method and r["size_mb"] == n]
+        base = [r["mb_per_s_median"] for r in rows if r["method"] == "upload_file" and r["size_mb"] == n]
+        if got and base:
+            out[str(n)] = round(got[0] / base[0], 2)
+    return out
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -281,6 +287,7 @@ def main() -> None:
     parser.add_argument("--extensions", type=int, help="extensions after the 10 s clip (default 10)")
     parser.add_argument("--part-size", type=int, help="managed part size, MiB (default the project's)")
     parser.add_argument("--concurrency", type=int, help="managed parts in flight (default the project's)")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -289,7 +296,8 @@ def main() -> None:
     sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else None
     started = time.monotonic()
     results = run(args.quick, sizes=sizes, repeat=args.repeat, extensions=args.extensions,
-                  part_size_mb=args.part_size, concurrency=args.concurrency)
+                  part_size_mb=args.part_size, concurrency=args.concurrency,
+                  methods=args.methods.split(",") if args.methods else None)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     print_table(results)
     path = common.write_result("transfer-quick" if args.quick else "transfer", results)
