@@ -27,8 +27,11 @@ if TYPE_CHECKING:
     from .s3 import S3Sink
 
 MIN_PART_SIZE = 5 * 1024 * 1024  # S3's floor for every part but the last
-PART_SIZE = MIN_PART_SIZE  # see docs/benchmarks.md §3: larger parts did not upload faster into moto
-CONCURRENCY = 4  # parts in flight at once (bench/transfer.py: more threads did not help on 2 cores)
+# 5 MiB x 4 in flight holds ~5 parts (+~50 MiB RSS, flat in the video's size). boto3's own 8 MiB x 10 threads
+# was no faster relative to upload_file in one paired sample into moto (128 MiB: 0.54 vs 0.58), for ~2.5x the
+# memory. Figures: docs/benchmarks.md, "Transfer into S3".
+PART_SIZE = MIN_PART_SIZE
+CONCURRENCY = 4
 
 
 class Upload(Protocol):
