@@ -18,7 +18,8 @@ Methods alternate within each repeat (upload_file, managed, sequential, ...), so
 machine hits them alike. MiB/s = body size / wall time of the call, median over --repeat.
 
     .venv/bin/python bench/transfer.py             # 16, 256, 1024 MiB, 2 repeats; ~4 min on 2 cores
-    .venv/bin/python bench/transfer.py --quick     # 8 and 32 MiB, 1 repeat, 3 methods, 1 extension; < 30 s
+    .venv/bin/python bench/transfer.py --quick     # 8 and 32 MiB, 1 repeat, 3 methods, no renders: 15-20 s
+                                                   # at load ~7 on 2 cores, ~45 s at load 10
 From Python (the lead's bench command): `import transfer; figures = transfer.run(quick=True)`.
 """
 
@@ -146,6 +147,29 @@ async def render(base_url: str, extensions: int) -> list[dict[str, Any]]:
     return steps
 
 
+def rendered_stores(stack: ExitStack, tmp: Path, extensions: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Real emulator videos: render time at 720p, then per-store overhead (they are small: ~20 KB per second)."""
+    from kling_tasks.storage import open_sink
+
+    emu = stack.enter_context(common.emulator(tmp, time_scale=0.0005, resolution="720p"))
+    log(f"rendering a 10 s 720p clip + {extensions} extensions ...")
+    steps = asyncio.run(render(emu.base_url, extensions))
+    rendered = []
+    for v, (label, url) in enumerate({"10 s 720p clip": steps[0]["url"],
+                                      f"{steps[-1]['video_seconds']:.0f} s 720p video": steps[-1]["url"]}.items()):
+        for sname, dest in (("local", str(tmp / "out")), ("managed", f"s3://{BUCKET}/rendered")):
+            sink = open_sink(dest)
+            times = []
+            for i in range(3):
+                start = time.perf_counter()
+                got = sink.store_from_url(url, f"v{v}-r{i}/v.mp4", metadata={"task_id": f"v{v}-r{i}"},
+                                          allow_private=True)
+                times.append(time.perf_counter() - start)
+            rendered.append({"video": label, "sink": sname, "size_mb": round(got.size / MB, 2),
+                             "seconds_median": round(statistics.median(times), 3)})
+    return {"render": [{k: v for k, v in s.items() if k != "url"} for s in steps], "rendered_videos": rendered}
+
+
 def write_body(path: Path, size_mb: int) -> None:
     with path.open("wb") as fh:  # incompressible, like an encoded video
         for _ in range(size_mb):
@@ -157,12 +181,13 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure; return the figures (what the JSON holds).
 
-    quick: 8 and 32 MiB, 1 repeat, 1 extension, only upload_file / managed / sequential (< 30 s)."""
+    quick: 8 and 32 MiB, 1 repeat, only upload_file / managed / sequential, no emulator renders (< 30 s on a
+    quiet machine)."""
     from kling_tasks.storage.s3_upload import CONCURRENCY, PART_SIZE
 
     sizes = sizes or ([8, 32] if quick else [16, 256, 1024])
     repeat = repeat or (1 if quick else 2)
-    extensions = extensions if extensions is not None else (1 if quick else 10)
+    extensions = extensions if extensions is not None else (-1 if quick else 10)  # -1: no emulator renders
     part_size = (part_size_mb * MB) if part_size_mb else PART_SIZE
     concurrency = concurrency or CONCURRENCY
     results: dict[str, Any] = {"sizes_mb": sizes, "repeat": repeat, "extensions": extensions,
@@ -170,20 +195,16 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
                                "upload_file_config": "boto3 TransferConfig() defaults: 8 MiB parts, 10 threads"}
     with ExitStack() as stack:
         tmp = stack.enter_context(common.scratch("bench-transfer-"))
-        emu = stack.enter_context(common.emulator(tmp, time_scale=0.0005, resolution="720p"))
         endpoint = stack.enter_context(common.moto_s3(tmp))
         env = {**os.environ, **common.s3_env(endpoint), "PYTHONPATH": str(common.ROOT)}
+        saved = {name: os.environ.get(name) for name in common.s3_env(endpoint)}
+        stack.callback(restore_env, saved)  # a caller's later benchmarks must not reach this (stopped) moto
         os.environ.update(common.s3_env(endpoint))
         import boto3
 
-        from kling_tasks.storage import open_sink
 
         s3 = boto3.session.Session().client("s3")
         s3.create_bucket(Bucket=BUCKET)
-        log(f"rendering a 10 s 720p clip + {extensions} extensions ...")
-        steps = asyncio.run(render(emu.base_url, extensions))
-        results["render"] = [{k: v for k, v in s.items() if k != "url"} for s in steps]
-
         files = tmp / "files"
         files.mkdir()
         write_body(files / "warm.mp4", 12)  # multipart for every method: the first use of its code path is warm-up
@@ -196,21 +217,8 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
         server.wait_http(f"http://127.0.0.1:{port}/")
         base = f"http://127.0.0.1:{port}"
 
-        # Emulator videos are small (~20 KB per second of synthetic 720p): per-store overhead, in-process.
-        rendered = []
-        for v, (label, url) in enumerate({"10 s 720p clip": steps[0]["url"],
-                                          f"{steps[-1]['video_seconds']:.0f} s 720p video": steps[-1]["url"]}.items()):
-            for sname, dest in (("local", str(tmp / "out")), ("managed", f"s3://{BUCKET}/rendered")):
-                sink = open_sink(dest)
-                times = []
-                for i in range(1 if quick else 3):
-                    start = time.perf_counter()
-                    got = sink.store_from_url(url, f"v{v}-r{i}/v.mp4", metadata={"task_id": f"v{v}-r{i}"},
-                                              allow_private=True)
-                    times.append(time.perf_counter() - start)
-                rendered.append({"video": label, "sink": sname, "size_mb": round(got.size / MB, 2),
-                                 "seconds_median": round(statistics.median(times), 3)})
-        results["rendered_videos"] = rendered
+        if extensions >= 0:
+            results.update(rendered_stores(stack, tmp, extensions, log))
 
         rows: list[dict[str, Any]] = []
         counter = iter(range(10**6))
@@ -254,6 +262,14 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
     return results
 
 
+def restore_env(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def ratios(rows: list[dict[str, Any]], sizes: list[int], method: str, field: str) -> dict[str, float]:
     """Per size: `method`'s MiB/s (`field`) over upload_file's; sizes where either was not measured are left out."""
     out = {}
@@ -281,10 +297,10 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="8 and 32 MiB, 1 repeat, 3 methods, 1 extension (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="8 and 32 MiB, 1 repeat, 3 methods, no renders (< 30 s)")
     parser.add_argument("--sizes", help="MiB of the bodies, comma-separated (default 16,256,1024)")
     parser.add_argument("--repeat", type=int, help="stores per size and method (default 2)")
-    parser.add_argument("--extensions", type=int, help="extensions after the 10 s clip (default 10)")
+    parser.add_argument("--extensions", type=int, help="extensions after the 10 s clip (default 10; -1: no renders)")
     parser.add_argument("--part-size", type=int, help="managed part size, MiB (default the project's)")
     parser.add_argument("--concurrency", type=int, help="managed parts in flight (default the project's)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
