@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
@@ -51,8 +52,9 @@ class UploadStoppedError(Exception):
 class _Pipe:
     """A blocking byte pipe: `write` waits while `limit` bytes are buffered, `read(n)` waits for n or EOF."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, upload_failed: Callable[[], bool] = lambda: False) -> None:
         self._limit = limit
+        self._upload_failed = upload_failed
         self._chunks: deque[bytes] = deque()
         self.buffered = 0
         self._cond = threading.Condition()
@@ -110,6 +112,12 @@ class _Pipe:
             while amount < 0 or got < amount:
                 if self._error is not None:
                     raise UploadStoppedError("the download failed") from self._error
+                if self._upload_failed():
+                    # boto3 keeps reading parts after one has failed for good (it would download the whole
+                    # video for nothing): stop here, and wake the download so that it stops too.
+                    self._reader_gone = True
+                    self._cond.notify_all()
+                    raise UploadStoppedError("a part failed")
                 if self._chunks:
                     chunk = self._chunks.popleft()
                     if amount >= 0 and got + len(chunk) > amount:
@@ -150,7 +158,7 @@ class ManagedUpload:
                  concurrency: int = CONCURRENCY) -> None:
         self.sink, self.key, self.content_type, self.metadata = sink, full_key, content_type, metadata
         self.concurrency = concurrency
-        self._pipe = _Pipe(limit=sink.part_size + CHUNK_SIZE)
+        self._pipe = _Pipe(limit=sink.part_size + CHUNK_SIZE, upload_failed=self._failed)
         self._manager: TransferManager | None = None
         self._future: TransferFuture | None = None
 
@@ -168,6 +176,12 @@ class ManagedUpload:
         except UploadStoppedError:
             self._raise_transfer_error()
             raise
+
+    def _failed(self) -> bool:
+        # TransferFuture has no public "failed yet?" before it is done; its coordinator knows. Without it (a
+        # future s3transfer), the upload still fails correctly, only after reading the rest of the stream.
+        coordinator = getattr(self._future, "_coordinator", None)
+        return getattr(coordinator, "exception", None) is not None
 
     def _start(self) -> None:
         """More than one part is coming: hand the stream to boto3's transfer manager."""

@@ -158,3 +158,28 @@ def wait_for(condition: Callable[[], bool], worker: threading.Thread, timeout: f
     while not condition():
         assert worker.is_alive() and time.monotonic() < deadline, "the store ended before the fault point"
         time.sleep(0.02)
+
+
+def test_a_failed_upload_stops_a_download_that_is_still_writing(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any
+) -> None:
+    # Far more than the pipe and the parts in memory hold: once the parts are refused for good, the download
+    # is blocked on a full pipe and must be woken and stopped, not left waiting for a reader that is gone.
+    data = random.Random(13).randbytes(12 * PART_SIZE)
+    proxy.plan([Fault("UploadPart", "refuse", times=None)])
+    errors: list[BaseException] = []
+
+    def store() -> None:
+        try:
+            sink_via(attempts=2).store_from_url(source.add("/v.mp4", data), KEY, metadata=META, allow_private=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=store)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive(), "the store hung after its upload failed"
+    assert len(errors) == 1 and isinstance(errors[0], DestinationError) and errors[0].retryable, errors
+    assert "SlowDown" in str(errors[0]), "the part's own refusal is the error reported"
+    assert source.sent["/v.mp4"] < len(data), "the whole video was downloaded for an upload that had failed"
+    assert_absent(s3, bucket)
