@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
 from kling_tasks import identity, recorder
-from kling_tasks.continuation.frames import start_frame
+from kling_tasks.continuation.frames import FrameError, start_frame
 from kling_tasks.continuation.stitch import stitch_clips
 from kling_tasks.jobs import PlannedStep
 from kling_tasks.manifest import frame_key, step_key
@@ -83,7 +83,10 @@ async def start_frame_step(job_id: str, step: PlannedStep, clip: StoredObject, d
     sink = open_sink(dest)
     with tempfile.TemporaryDirectory(prefix="kling-frame-") as folder:
         local = await asyncio.to_thread(fetch_clip, sink, clip, Path(folder))
-        frame = await asyncio.to_thread(start_frame, local)
+        try:
+            frame = await asyncio.to_thread(start_frame, local)
+        except FrameError as exc:
+            raise FrameError(f"{step.name}: {exc}") from None
     stored = await asyncio.to_thread(sink.write_bytes, frame_key(job_id, step.index), frame.jpeg, "image/jpeg")
     scaled = f", scaled up from {frame.source_size[0]}x{frame.source_size[1]}" if frame.scaled else ""
     logger.info("%s starts from the last frame of %s: %s (%dx%d JPEG%s, %d bytes, sha256 %s)", step.name,

@@ -282,7 +282,8 @@ class JobRecorder:
             existing = self.sink.head(contact_sheet_key(self.plan.job_id))
             if existing is not None:
                 return existing
-        durations = [record.duration or 0.0 for record in self.manifest.steps]
+        # The video's length after each step: Kling's (video-extend delivers the whole) or the stitched length.
+        durations = [record.total_seconds or record.duration or 0.0 for record in self.manifest.steps]
         try:
             sheet = store_contact_sheet(self.sink, self.plan.job_id, final.key, durations, final.size)
         except Exception as exc:

@@ -16,14 +16,16 @@ from pathlib import Path
 import av
 
 from kling_tasks.api.catalog import MAX_IMAGE_BYTES
+from kling_tasks.jobs import PlanError
 
 MIN_SIDE = 300
 MAX_ASPECT = 2.5
 JPEG_QUALITY = 2  # mjpeg's qscale: 2 is near-lossless; a 1080p frame stays well under 1 MB
 
 
-class FrameError(ValueError):
-    """The clip's last frame cannot become a Kling start image (or the clip has no frame at all)."""
+class FrameError(PlanError):
+    """The clip's last frame cannot become a Kling start image (or the clip has no frame at all); raised
+    before the continuation's request, so nothing is paid for it."""
 
 
 @dataclass(frozen=True)
