@@ -47,6 +47,7 @@ Continuation = Annotated[str, typer.Option(
     "--continuation", help="How --extend continues the video: auto (video-extend where the model has it, else "
                            "last-frame), extend (Kling's video-extend: kling-v1, v1-5, v1-6) or last-frame "
                            "(image2video from each clip's last frame, any model).")]
+Sound = Annotated[str | None, typer.Option("--sound", help="on or off: native audio (kling-v2-6 pro, kling-v3).")]
 MaxSeconds = Annotated[float, typer.Option("--max-seconds", help="Longest a last-frame chain may grow.")]
 Take = Annotated[int, typer.Option("--take", help="2, 3, ...: pay for a deliberate new take of the same spec.")]
 Replace = Annotated[bool, typer.Option("--replace", help="The job folder holds another job: set its manifest "
@@ -77,12 +78,12 @@ def describe(exc: ValidationError) -> str:
 def build_job(prompt: str, negative_prompt: str | None, image: str | None, extend: list[str] | None,
               model: str, mode: str, duration: str, aspect_ratio: str, cfg_scale: float | None, dest: str,
               job_id: str | None, max_credits: float | None, take: int = 1, continuation: str = "auto",
-              max_seconds: float = MAX_EXTENDED_SECONDS) -> VideoJob:
+              max_seconds: float = MAX_EXTENDED_SECONDS, sound: str | None = None) -> VideoJob:
     try:
         job = VideoJob(
             generate=GenerationSpec(prompt=prompt, negative_prompt=negative_prompt, image=image,
                                     model_name=model, mode=mode, duration=duration,
-                                    aspect_ratio=aspect_ratio, cfg_scale=cfg_scale),
+                                    aspect_ratio=aspect_ratio, cfg_scale=cfg_scale, sound=sound),
             extensions=[ExtensionSpec(prompt=text) for text in extend or []],
             dest=dest, job_id=job_id, max_credits=max_credits, take=take, continuation=continuation,
             max_seconds=max_seconds,
@@ -137,14 +138,14 @@ def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = N
         model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5", aspect_ratio: Aspect = "16:9",
         cfg_scale: Cfg = None, dest: Dest = "./kling-output", job_id: JobId = None,
         max_credits: MaxCredits = None, take: Take = 1, continuation: Continuation = "auto",
-        max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS, replace: Replace = False,
+        max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS, sound: Sound = None, replace: Replace = False,
         resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed",
                                                       help="Pay for a new attempt of a failed step.")] = False,
         adopt: Adopt = None, assume_not_created: AssumeNotCreated = None,
         ) -> None:
     """Generate, extend and store a video; prints the final video's URI last."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits, take, continuation, max_seconds)
+                    dest, job_id, max_credits, take, continuation, max_seconds, sound)
     uri = execute(job, resubmit_failed, replace, parse_adopt(adopt), assume_not_created)
     print(uri)
 
@@ -154,10 +155,11 @@ def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Imag
              extend: Extend = None, model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5",
              aspect_ratio: Aspect = "16:9", cfg_scale: Cfg = None, dest: Dest = "./kling-output",
              job_id: JobId = None, max_credits: MaxCredits = None, take: Take = 1,
-             continuation: Continuation = "auto", max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS) -> None:
+             continuation: Continuation = "auto", max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS,
+             sound: Sound = None) -> None:
     """Validate and price the plan; submits nothing."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits, take, continuation, max_seconds)
+                    dest, job_id, max_credits, take, continuation, max_seconds, sound)
     plan = plan_job(job)
     try:
         check_requests(job, plan, settings_or_exit().provider)

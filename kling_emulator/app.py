@@ -143,7 +143,7 @@ class Emulator:
             return self.engine.create(kind, model=spec["model"], mode=spec["mode"],
                                       aspect_ratio=spec["aspect_ratio"], frames=[frames],
                                       price=catalog.generation_price(spec["model"], spec["mode"], spec["duration"]),
-                                      start_image=start, **common)
+                                      start_image=start, sound=spec["sound"], **common)
         video_id, parent_task_id = validate_extension(body, needs_task_id=self.provider == "cometapi")
         parent = self.engine.by_video(video_id)
         if parent is None or parent.status != "succeed":

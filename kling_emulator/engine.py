@@ -54,6 +54,7 @@ class Task:
     rendered: bool = False
     watermark: bool = False  # watermark_info.enabled as requested (the emulator does not draw a mark)
     image_sha256: str | None = None  # image2video: the decoded bytes of a base64 `image` it was given
+    sound: bool = False  # `sound: on`: the video has an audio track
 
     @property
     def duration(self) -> str:
@@ -131,7 +132,7 @@ class Engine:
     def create(self, kind: str, *, model: str, mode: str, aspect_ratio: str, frames: list[int], price: float,
                external_task_id: str | None, callback_url: str | None, fail_message: str | None,
                parent: Task | None = None, watermark: bool = False, unique_external_id: bool = True,
-               start_image: bytes | None = None) -> Task:
+               start_image: bytes | None = None, sound: bool = False) -> Task:
         with self.lock:
             if unique_external_id and external_task_id is not None and any(
                 t.external_task_id == external_task_id for t in self.tasks.values()
@@ -151,6 +152,7 @@ class Engine:
                 parent_duration=parent.duration if parent else None, callback_url=callback_url,
                 watermark=watermark,
                 image_sha256=hashlib.sha256(start_image).hexdigest() if start_image is not None else None,
+                sound=sound,
             )
             if start_image is not None:  # kept beside the video: a restart (--state-dir) renders it again
                 self.start_path_of(task.video_id).write_bytes(start_image)
@@ -168,9 +170,10 @@ class Engine:
             start = self.start_path_of(task.video_id)
             if parent is None and start.exists():  # image2video of a given picture: it starts as that picture
                 picture = render.start_picture(start.read_bytes(), spec)
-                render.render_segments(out, task.segments, spec, render.far_segment(picture, spec), start=picture)
+                render.render_segments(out, task.segments, spec, render.far_segment(picture, spec), start=picture,
+                                       sound=task.sound)
             elif parent is None:
-                render.render_segments(out, task.segments, spec)
+                render.render_segments(out, task.segments, spec, sound=task.sound)
             else:
                 render.extend_file(self.path_of(parent.video_id), out, parent.segments, task.segments[-1], spec)
         except Exception:

@@ -126,13 +126,15 @@ def _open_encoder(path: Path, spec: RenderSpec) -> tuple[av.container.OutputCont
 
 
 def render_segments(path: Path, segments: list[int], spec: RenderSpec, first_segment: int = 1,
-                    first_frame: int = 0, start: np.ndarray | None = None) -> None:
+                    first_frame: int = 0, start: np.ndarray | None = None, sound: bool = False) -> None:
     """Encode `segments` (frame counts) into one MP4, numbering them from `first_segment`.
 
     `start` (image2video): the first segment begins as that picture and blends into its own pattern, so its
-    first frame is the image the task was given and its last is the segment's own look."""
+    first frame is the image the task was given and its last is the segment's own look. `sound`: an AAC track,
+    one tone per segment."""
     tmp = path.with_name(path.name + ".part")
     container, stream = _open_encoder(tmp, spec)
+    audio = _Tone(container, spec.fps) if sound else None
     time_base = Fraction(1, spec.fps)
     global_index = first_frame
     try:
@@ -146,11 +148,37 @@ def render_segments(path: Path, segments: list[int], spec: RenderSpec, first_seg
                 frame = av.VideoFrame.from_ndarray(picture, format="yuv420p")
                 frame.pts, frame.time_base = global_index - first_frame, time_base
                 container.mux(stream.encode(frame))
+                if audio is not None:
+                    audio.add_frame(global_index - first_frame, first_segment + offset)
                 global_index += 1
         container.mux(stream.encode(None))
+        if audio is not None:
+            audio.close()
     finally:
         container.close()
     os.replace(tmp, path)
+
+
+class _Tone:
+    """An AAC stereo track of sine tones, written one video frame's worth at a time (A/V stay in step)."""
+
+    RATE = 48_000
+
+    def __init__(self, container: av.container.OutputContainer, fps: int) -> None:
+        self.container, self.fps = container, fps
+        self.stream = container.add_stream("aac", rate=self.RATE)
+        self.stream.layout = "stereo"
+
+    def add_frame(self, index: int, segment: int) -> None:
+        first, end = (round(i * self.RATE / self.fps) for i in (index, index + 1))
+        t = np.arange(first, end) / self.RATE
+        wave = (0.2 * np.sin(2 * np.pi * 110 * (1 + segment % 4) * t)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = self.RATE, first, Fraction(1, self.RATE)
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))
 
 
 def extend_file(parent: Path, out: Path, parent_segments: list[int], new_frames: int, spec: RenderSpec) -> str:

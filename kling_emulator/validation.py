@@ -74,7 +74,12 @@ def validate_generation(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     _check_camera(kind, body.get("camera_control"), model, mode, duration)
     for field in ("callback_url", "external_task_id"):
         _optional_string(body, field)
-    return {"model": model, "mode": mode, "duration": duration, "aspect_ratio": aspect}
+    sound = body.get("sound", "off")
+    if sound not in ("on", "off"):
+        raise bad_param("sound must be on or off")
+    if sound == "on" and (model, mode) not in catalog.SOUND:
+        raise bad_param(f"sound is not supported by {model} {mode}")
+    return {"model": model, "mode": mode, "duration": duration, "aspect_ratio": aspect, "sound": sound == "on"}
 
 
 def _check_images(body: dict[str, Any], model: str, mode: str, duration: str) -> None:

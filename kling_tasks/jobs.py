@@ -23,6 +23,7 @@ from kling_tasks.api.catalog import (
     MAX_IMAGE_BYTES,
     MAX_SECONDS_PER_EXTENSION,
     PROMPT_MAX,
+    SOUND_MODES,
     T2V_MODELS,
     extension_credits,
     generation_credits,
@@ -54,6 +55,8 @@ class GenerationSpec(BaseModel):
     duration: Literal["5", "10"] = "5"
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
     cfg_scale: float | None = Field(default=None, ge=0, le=1)
+    sound: Literal["on", "off"] | None = Field(
+        default=None, description="Native audio (kling-v2-6 pro, kling-v3); continuations keep it.")
 
     @property
     def kind(self) -> StepKind:
@@ -162,6 +165,9 @@ def check_capabilities(job: VideoJob) -> None:
         check_last_frame_chain(job)
     elif job.extensions:
         check_extend_chain(job)
+    if gen.sound == "on" and (gen.model_name, gen.mode) not in SOUND_MODES:
+        raise PlanError(f"model {gen.model_name!r} in {gen.mode} mode makes no sound; sound needs one of "
+                        f"{', '.join(f'{model} {mode}' for model, mode in sorted(SOUND_MODES))}")
     if gen.image and not gen.image.startswith(("http://", "https://")):
         check_image_file(gen.image)
 

@@ -33,7 +33,7 @@ def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendere
         return Image2VideoRequest(
             image=base64.b64encode(start_frame).decode("ascii"), model_name=generation.model_name,
             prompt=step.prompt, negative_prompt=step.negative_prompt, cfg_scale=step.cfg_scale,
-            mode=generation.mode, duration=generation.duration)
+            mode=generation.mode, duration=generation.duration, sound=generation.sound)
     if step.kind == "video-extend":
         if parent is None:
             raise ValueError(f"{step.name} needs its parent's video")
@@ -46,6 +46,7 @@ def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendere
         "cfg_scale": generation.cfg_scale,
         "mode": generation.mode,
         "duration": generation.duration,
+        "sound": generation.sound,
     }
     if step.kind == "image2video":
         assert generation.image is not None

@@ -138,3 +138,22 @@ def test_estimate_prices_continuations_as_image2video_clips(kling_env: dict[str,
     over = cli("run", "--prompt", "a kite", *V2_6, "--extend", "a", "--extend", "b", "--max-seconds", "12")
     assert over.exit_code == 2 and "max_seconds" in over.output, over.output
     assert emulator.stats()["requests"] == {}
+
+
+def test_sound_is_asked_for_each_clip_and_stitched_with_the_picture(kling_env: dict[str, str], emulator: Any,
+                                                                    tmp_path: Path) -> None:
+    job_id = new_id("lastframe-sound")
+    result = cli("run", "--prompt", "waves on a shore", "--model", "kling-v2-6", "--mode", "pro", "--sound", "on",
+                 "--extend", "a gull calls", "--job-id", job_id, "--dest", tmp_path)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / job_id
+    for name in ("clip-00.mp4", "clip-01.mp4"):
+        with av.open(str(folder / name)) as clip:
+            assert clip.streams.audio, f"{name}: the continuation asked for sound too"
+    with av.open(str(folder / "final.mp4")) as final:
+        assert final.streams.audio, "the stitched video keeps the sound"
+        sound = sum(frame.samples for frame in final.decode(audio=0)) / 48_000
+    pictures = len(gray_frames((folder / "final.mp4").read_bytes()))
+    assert abs(sound - pictures / 24) < 0.1, (sound, pictures / 24)
+    refused = cli("run", "--prompt", "waves", *V2_6, "--sound", "on", "--dest", tmp_path)
+    assert refused.exit_code == 2 and "makes no sound" in refused.output, "v2-6 std renders no audio"

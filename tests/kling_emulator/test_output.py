@@ -134,3 +134,16 @@ def test_image2video_refuses_images_outside_klings_rules(kling: Any, size: tuple
     body = {"image": base64.b64encode(jpeg((90, 90, 90), size)).decode(), "model_name": "kling-v2-6"}
     answer = kling.post("image2video", body)
     assert answer.status_code == 400 and answer.json()["code"] == 1201 and message in answer.json()["message"]
+
+
+def test_sound_on_renders_an_audio_track_as_long_as_the_picture(kling: Any, tools: Any, tmp_path: Path) -> None:
+    import av
+
+    video = kling.finished(model_name="kling-v2-6", mode="pro", sound="on", prompt="waves")
+    seconds, _, _ = check_video(tools, video, tmp_path / "loud.mp4")
+    with av.open(str(tmp_path / "loud.mp4")) as container:
+        assert container.streams.audio
+        sound = sum(frame.samples for frame in container.decode(audio=0)) / 48_000
+    assert abs(sound - seconds) < 0.1
+    refused = kling.post("text2video", {"model_name": "kling-v2-6", "mode": "std", "sound": "on", "prompt": "x"})
+    assert refused.status_code == 400 and "sound is not supported" in refused.json()["message"]

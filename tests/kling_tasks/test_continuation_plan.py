@@ -72,3 +72,16 @@ def test_the_continuation_request_sends_the_frame_and_the_jobs_settings() -> Non
     with pytest.raises(ValueError, match="last frame"):
         build_request(plan_.steps[1], job("kling-v2-6").generate, None)
     check_requests(job("kling-v2-6", "up"), plan_job(job("kling-v2-6", "up")), "cometapi")  # planned: passes
+
+
+def test_sound_is_asked_of_models_that_make_it_and_sent_with_every_clip() -> None:
+    with pytest.raises(ValidationError, match="makes no sound"):
+        job("kling-v2-6", "up", sound="on")  # std
+    loud = job("kling-v2-6", "up", sound="on", mode="pro")
+    plan = plan_job(loud)
+    for step in plan.steps:
+        body = build_request(step, loud.generate, None, b"\xff\xd8jpeg\xff\xd9").to_body("kling")
+        assert body["sound"] == "on"
+    quiet = plan_job(job("kling-v2-6", "up", mode="pro"))
+    assert quiet.steps[0].external_task_id != plan.steps[0].external_task_id, "sound is part of the paid work"
+    assert "sound" not in build_request(quiet.steps[0], job("kling-v2-6", mode="pro").generate, None).to_body("kling")

@@ -252,7 +252,7 @@ def test_unreadable_files_and_unknown_suffixes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("header", "expected"), [
     ("prompt,colour,Size", "unknown columns colour, size (known: aspect_ratio, cfg_scale, continuation, dest, "
                            "duration, image, job_id, max_credits, max_seconds, mode, model_name, negative_prompt, "
-                           "prompt, take, extend_1..extend_N)"),
+                           "prompt, sound, take, extend_1..extend_N)"),
     ("prompt,extend_1,extend_3", "extend columns must be extend_1..extend_N; missing extend_2"),
     ("prompt,extend_0", "unknown columns extend_0"),
     ("job_id,mode", "missing column prompt"),
