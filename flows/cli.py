@@ -188,7 +188,8 @@ def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-outpu
         fail(str(exc), 2)
     if manifest is None:
         fail(f"no manifest for job {job_id!r} under {dest}")
-    table = Table(title=f"job {job_id}: {manifest.status}")
+    how = f", extensions by {manifest.continuation}" if manifest.continuation else ""
+    table = Table(title=f"job {job_id}: {manifest.status}{how}")
     for column in ("step", "name", "status", "task_id", "duration", "credits"):
         table.add_column(column, no_wrap=True)  # ids are copied by people: never cut them
     table.add_column("uri", overflow="fold")

@@ -105,7 +105,8 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
                             "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
                         ) from exc
                     await asyncio.to_thread(ledger.succeeded, step, rendered)
-                    # The store runs beside the next step's Kling time: the next extension needs only the video id.
+                    # The store runs beside the next step's Kling time: the next extension needs only the video
+                    # id (a continuation awaits the clip's store above, then stitching runs beside it).
                     if plan.stitched:
                         clips.append(asyncio.create_task(
                             clip_into_ledger(ledger, step, submission.task_id, job.dest, account)))
