@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from kling_tasks.api.catalog import MAX_EXTENDED_SECONDS
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
 from kling_tasks.kling_requests import check_requests
 from kling_tasks.manifest import load_manifest
@@ -42,6 +43,12 @@ Cfg = Annotated[float | None, typer.Option("--cfg-scale", help="0..1")]
 Dest = Annotated[str, typer.Option("--dest", help="s3://bucket/prefix or a local folder")]
 JobId = Annotated[str | None, typer.Option("--job-id")]
 MaxCredits = Annotated[float | None, typer.Option("--max-credits")]
+Continuation = Annotated[str, typer.Option(
+    "--continuation", help="How --extend continues the video: auto (video-extend where the model has it, else "
+                           "last-frame), extend (Kling's video-extend: kling-v1, v1-5, v1-6) or last-frame "
+                           "(image2video from each clip's last frame, any model).")]
+Sound = Annotated[str | None, typer.Option("--sound", help="on or off: native audio (kling-v2-6 pro, kling-v3).")]
+MaxSeconds = Annotated[float, typer.Option("--max-seconds", help="Longest a last-frame chain may grow.")]
 Take = Annotated[int, typer.Option("--take", help="2, 3, ...: pay for a deliberate new take of the same spec.")]
 Replace = Annotated[bool, typer.Option("--replace", help="The job folder holds another job: set its manifest "
                                                          "aside (manifest.replaced-*.json) and start over there.")]
@@ -70,14 +77,16 @@ def describe(exc: ValidationError) -> str:
 
 def build_job(prompt: str, negative_prompt: str | None, image: str | None, extend: list[str] | None,
               model: str, mode: str, duration: str, aspect_ratio: str, cfg_scale: float | None, dest: str,
-              job_id: str | None, max_credits: float | None, take: int = 1) -> VideoJob:
+              job_id: str | None, max_credits: float | None, take: int = 1, continuation: str = "auto",
+              max_seconds: float = MAX_EXTENDED_SECONDS, sound: str | None = None) -> VideoJob:
     try:
         job = VideoJob(
             generate=GenerationSpec(prompt=prompt, negative_prompt=negative_prompt, image=image,
                                     model_name=model, mode=mode, duration=duration,
-                                    aspect_ratio=aspect_ratio, cfg_scale=cfg_scale),
+                                    aspect_ratio=aspect_ratio, cfg_scale=cfg_scale, sound=sound),
             extensions=[ExtensionSpec(prompt=text) for text in extend or []],
-            dest=dest, job_id=job_id, max_credits=max_credits, take=take,
+            dest=dest, job_id=job_id, max_credits=max_credits, take=take, continuation=continuation,
+            max_seconds=max_seconds,
         )
         return job.for_date(datetime.now(UTC).date())
     except ValidationError as exc:
@@ -128,14 +137,15 @@ def execute(job: VideoJob, resubmit_failed: bool, replace: bool = False, adopt: 
 def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None, extend: Extend = None,
         model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5", aspect_ratio: Aspect = "16:9",
         cfg_scale: Cfg = None, dest: Dest = "./kling-output", job_id: JobId = None,
-        max_credits: MaxCredits = None, take: Take = 1, replace: Replace = False,
+        max_credits: MaxCredits = None, take: Take = 1, continuation: Continuation = "auto",
+        max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS, sound: Sound = None, replace: Replace = False,
         resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed",
                                                       help="Pay for a new attempt of a failed step.")] = False,
         adopt: Adopt = None, assume_not_created: AssumeNotCreated = None,
         ) -> None:
     """Generate, extend and store a video; prints the final video's URI last."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits, take)
+                    dest, job_id, max_credits, take, continuation, max_seconds, sound)
     uri = execute(job, resubmit_failed, replace, parse_adopt(adopt), assume_not_created)
     print(uri)
 
@@ -144,16 +154,19 @@ def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = N
 def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = None,
              extend: Extend = None, model: Model = "kling-v1", mode: Mode = "std", duration: Duration = "5",
              aspect_ratio: Aspect = "16:9", cfg_scale: Cfg = None, dest: Dest = "./kling-output",
-             job_id: JobId = None, max_credits: MaxCredits = None, take: Take = 1) -> None:
+             job_id: JobId = None, max_credits: MaxCredits = None, take: Take = 1,
+             continuation: Continuation = "auto", max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS,
+             sound: Sound = None) -> None:
     """Validate and price the plan; submits nothing."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
-                    dest, job_id, max_credits, take)
+                    dest, job_id, max_credits, take, continuation, max_seconds, sound)
     plan = plan_job(job)
     try:
         check_requests(job, plan, settings_or_exit().provider)
     except PlanError as exc:
         fail(str(exc), 2)
-    table = Table(title=f"job {plan.job_id}: {plan.model_name} {plan.mode}")
+    how = f", extensions by {plan.continuation}" if len(plan.steps) > 1 else ""
+    table = Table(title=f"job {plan.job_id}: {plan.model_name} {plan.mode}{how}")
     for column in ("step", "name", "external_task_id", "credits"):
         table.add_column(column, no_wrap=True)
     for step in plan.steps:
@@ -175,7 +188,8 @@ def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-outpu
         fail(str(exc), 2)
     if manifest is None:
         fail(f"no manifest for job {job_id!r} under {dest}")
-    table = Table(title=f"job {job_id}: {manifest.status}")
+    how = f", extensions by {manifest.continuation}" if manifest.continuation else ""
+    table = Table(title=f"job {job_id}: {manifest.status}{how}")
     for column in ("step", "name", "status", "task_id", "duration", "credits"):
         table.add_column(column, no_wrap=True)  # ids are copied by people: never cut them
     table.add_column("uri", overflow="fold")

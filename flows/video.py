@@ -8,20 +8,24 @@ re-attaches to tasks still in flight.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime
+from typing import Any
 
 from prefect import flow, get_run_logger, tags
 from prefect.runtime import flow_run
 
 from kling_tasks.api import TaskFailedError
-from kling_tasks.jobs import VideoJob
+from kling_tasks.continuation_steps import clip_into_ledger, start_image_into_ledger, stitch_into_ledger
+from kling_tasks.jobs import PlannedStep, VideoJob
 from kling_tasks.preflight import prepare
 from kling_tasks.recorder import JobRecorder, default_observers
 from kling_tasks.settings import load_settings
 from kling_tasks.slots import account_slot, ensure_account_limit
-from kling_tasks.step_results import Rendered
+from kling_tasks.step_results import Rendered, StartImage
 from kling_tasks.steps import store_into_ledger, submit_step, wait_step
+from kling_tasks.storage import StoredObject
 
 
 class KlingStepFailed(RuntimeError):
@@ -69,22 +73,27 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
     await ensure_account_limit(account, settings.max_concurrency)
     parent: Rendered | None = None
     stores: list[asyncio.Task[None]] = []
+    clips: list[asyncio.Task[StoredObject]] = []  # a last-frame job's clips, as Kling made them
     with ledger, tags(*run_tags):
         try:
             async with AsyncExitStack() as slot:
                 holding = False
                 for step in plan.steps:
-                    raise_failed_store(stores)  # a destination that broke stops the job before it pays for more
+                    raise_failed_store([*stores, *clips])  # a destination that broke stops the job before it pays more
                     # One account slot for the job's chain, from just before its first create to the end of its
                     # last Kling task: its next extension never queues behind a video that has not started.
                     if not holding and not ledger.rendered_before(step):
                         await slot.enter_async_context(
                             account_slot(account, settings.max_concurrency, started=step.index > 0))
                         holding = True
+                    start_image: StartImage | None = None
+                    if step.from_last_frame:  # the previous clip must be stored: its last frame is the start
+                        start_image = await start_image_into_ledger(ledger, step, await clips[step.index - 1],
+                                                                    job.dest, account)
                     ext = step.external_task_id
                     submission = await submit_step(plan.job_id, step, job.generate, parent, account,
                                                    may_exist=ledger.may_exist(step), adopt_task_id=adopt.get(ext),
-                                                   assume_not_created=ext in assumed)
+                                                   assume_not_created=ext in assumed, start_image=start_image)
                     await asyncio.to_thread(ledger.submitted, step, submission)
                     try:
                         rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
@@ -96,19 +105,36 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
                             "Nothing was resubmitted; rerun with --resubmit-failed to pay for a new attempt."
                         ) from exc
                     await asyncio.to_thread(ledger.succeeded, step, rendered)
-                    # The store runs beside the next step's Kling time: the next extension needs only the video id.
-                    stores.append(asyncio.create_task(
-                        store_into_ledger(ledger, step, submission.task_id, job.dest, account)))
+                    # The store runs beside the next step's Kling time: the next extension needs only the video
+                    # id (a continuation awaits the clip's store above, then stitching runs beside it).
+                    if plan.stitched:
+                        clips.append(asyncio.create_task(
+                            clip_into_ledger(ledger, step, submission.task_id, job.dest, account)))
+                        stores.append(asyncio.create_task(stitch_after(
+                            stores[-1] if stores else None, list(clips), ledger, step, submission.task_id,
+                            job.dest, account)))
+                    else:
+                        stores.append(asyncio.create_task(
+                            store_into_ledger(ledger, step, submission.task_id, job.dest, account)))
                     parent = rendered
-        finally:
-            await asyncio.gather(*stores, return_exceptions=True)  # what was paid for is stored before we stop
-        raise_failed_store(stores)
+        finally:  # what was paid for is stored before we stop
+            await asyncio.gather(*clips, *stores, return_exceptions=True)
+        raise_failed_store([*stores, *clips])
         final = await asyncio.to_thread(ledger.finish)
     logger.info("final video: %s (%d bytes, sha256 %s)", final.uri, final.size, final.sha256)
     return final.uri
 
 
-def raise_failed_store(stores: list[asyncio.Task[None]]) -> None:
+async def stitch_after(previous: asyncio.Task[None] | None, clips: list[asyncio.Task[StoredObject]],
+                       ledger: JobRecorder, step: PlannedStep, task_id: str, dest: str, account: str) -> None:
+    """step-NN.mp4 from clips 0..NN once they are stored, after step NN-1's stitch (steps are stored in order)."""
+    if previous is not None:
+        await previous
+    stored = list(await asyncio.gather(*clips))
+    await stitch_into_ledger(ledger, step, task_id, stored, dest, account)
+
+
+def raise_failed_store(stores: Sequence[asyncio.Task[Any]]) -> None:
     for store in stores:
         if store.done() and not store.cancelled() and store.exception() is not None:
             raise store.exception()  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -136,10 +137,13 @@ class Emulator:
         if kind != "video-extend":
             spec = validate_generation(kind, body)
             frames = render.frames_for(float(spec["duration"]))
+            image = body.get("image")
+            start = base64.b64decode(image) if kind == "image2video" and isinstance(image, str) \
+                and not image.startswith(("http://", "https://")) else None
             return self.engine.create(kind, model=spec["model"], mode=spec["mode"],
                                       aspect_ratio=spec["aspect_ratio"], frames=[frames],
                                       price=catalog.generation_price(spec["model"], spec["mode"], spec["duration"]),
-                                      **common)
+                                      start_image=start, sound=spec["sound"], **common)
         video_id, parent_task_id = validate_extension(body, needs_task_id=self.provider == "cometapi")
         parent = self.engine.by_video(video_id)
         if parent is None or parent.status != "succeed":

@@ -13,6 +13,7 @@ IMAGE2VIDEO_MODELS = TEXT2VIDEO_MODELS | {"kling-v1-5", "kling-v2-1"}
 ALL_MODELS = IMAGE2VIDEO_MODELS
 EXTENDABLE_MODELS = {"kling-v1", "kling-v1-5", "kling-v1-6"}
 ASPECT_RATIOS = {"16:9", "9:16", "1:1"}
+SOUND = {("kling-v2-6", "pro"), ("kling-v3", "std"), ("kling-v3", "pro")}  # (model, mode) that render audio
 PROMPT_LIMIT = 2500
 MAX_TOTAL_SECONDS = 180.0
 

@@ -7,6 +7,7 @@ free without anyone polling; reads advance the task they touch too, so they neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,8 @@ class Task:
     callback_url: str | None = None
     rendered: bool = False
     watermark: bool = False  # watermark_info.enabled as requested (the emulator does not draw a mark)
+    image_sha256: str | None = None  # image2video: the decoded bytes of a base64 `image` it was given
+    sound: bool = False  # `sound: on`: the video has an audio track
 
     @property
     def duration(self) -> str:
@@ -128,7 +131,8 @@ class Engine:
     # --- creation --------------------------------------------------------------------------------------------
     def create(self, kind: str, *, model: str, mode: str, aspect_ratio: str, frames: list[int], price: float,
                external_task_id: str | None, callback_url: str | None, fail_message: str | None,
-               parent: Task | None = None, watermark: bool = False, unique_external_id: bool = True) -> Task:
+               parent: Task | None = None, watermark: bool = False, unique_external_id: bool = True,
+               start_image: bytes | None = None, sound: bool = False) -> Task:
         with self.lock:
             if unique_external_id and external_task_id is not None and any(
                 t.external_task_id == external_task_id for t in self.tasks.values()
@@ -147,7 +151,11 @@ class Engine:
                 parent_video_id=parent.video_id if parent else None,
                 parent_duration=parent.duration if parent else None, callback_url=callback_url,
                 watermark=watermark,
+                image_sha256=hashlib.sha256(start_image).hexdigest() if start_image is not None else None,
+                sound=sound,
             )
+            if start_image is not None:  # kept beside the video: a restart (--state-dir) renders it again
+                self.start_path_of(task.video_id).write_bytes(start_image)
             self.tasks[task.task_id] = task
             self.stats.concurrency_high_water = max(self.stats.concurrency_high_water, self.running())
             self._save()
@@ -159,8 +167,13 @@ class Engine:
         spec = render.spec_for(self.resolution, task.aspect_ratio)
         out = self.path_of(task.video_id)
         try:
-            if parent is None:
-                render.render_segments(out, task.segments, spec)
+            start = self.start_path_of(task.video_id)
+            if parent is None and start.exists():  # image2video of a given picture: it starts as that picture
+                picture = render.start_picture(start.read_bytes(), spec)
+                render.render_segments(out, task.segments, spec, render.far_segment(picture, spec), start=picture,
+                                       sound=task.sound)
+            elif parent is None:
+                render.render_segments(out, task.segments, spec, sound=task.sound)
             else:
                 render.extend_file(self.path_of(parent.video_id), out, parent.segments, task.segments[-1], spec)
         except Exception:
@@ -175,6 +188,9 @@ class Engine:
 
     def path_of(self, video_id: str) -> Path:
         return self.files / f"{video_id}.mp4"
+
+    def start_path_of(self, video_id: str) -> Path:
+        return self.files / f"{video_id}.start"
 
     def count(self, counter: str, key: str, amount: int = 1) -> None:
         """Add to one of the Stats counters (e.g. "downloads", "download_bytes")."""
@@ -260,7 +276,7 @@ class Engine:
                 "tasks_created": dict(created),
                 "tasks": {t.task_id: {"kind": t.kind, "status": t.status, "external_task_id": t.external_task_id,
                                       "created_at": t.created_at, "updated_at": t.updated_at,
-                                      "video_id": t.video_id}
+                                      "video_id": t.video_id, "image_sha256": t.image_sha256}
                           for t in self.tasks.values()},
                 "polls": dict(self.stats.polls),
                 "concurrency_high_water": self.stats.concurrency_high_water,

@@ -8,6 +8,7 @@ parent's, the whole video is re-rendered instead (same picture, slower).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -89,6 +90,33 @@ class _Painter:
         return np.concatenate([y, self.u.reshape(-1, w), self.v.reshape(-1, w)])
 
 
+def image_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) of a JPEG/PNG; ValueError if it is not a decodable image."""
+    try:
+        with av.open(io.BytesIO(raw)) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration, IndexError) as exc:
+        raise ValueError("not a decodable JPEG or PNG image") from exc
+    return frame.width, frame.height
+
+
+def start_picture(raw: bytes, spec: RenderSpec) -> np.ndarray:
+    """The image scaled to the output size, as the planar YUV 4:2:0 array the painter produces."""
+    with av.open(io.BytesIO(raw)) as container:
+        frame = next(container.decode(video=0))
+    return frame.reformat(width=spec.width, height=spec.height, format="yuv420p", interpolation="BICUBIC").to_ndarray()
+
+
+def far_segment(picture: np.ndarray, spec: RenderSpec) -> int:
+    """The palette segment whose colours are farthest from the picture's mean: the clip visibly moves on."""
+    h = spec.height
+    y = float(picture[:h].mean())
+    u = float(picture[h : h + h // 4].mean())
+    v = float(picture[h + h // 4 :].mean())
+    distances = [abs(y - py) + abs(u - pu) + abs(v - pv) for py, pu, pv in _PALETTE]
+    return distances.index(max(distances)) + 1
+
+
 def _open_encoder(path: Path, spec: RenderSpec) -> tuple[av.container.OutputContainer, av.video.VideoStream]:
     container = av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"})
     stream = container.add_stream("libx264", rate=spec.fps)
@@ -98,24 +126,59 @@ def _open_encoder(path: Path, spec: RenderSpec) -> tuple[av.container.OutputCont
 
 
 def render_segments(path: Path, segments: list[int], spec: RenderSpec, first_segment: int = 1,
-                    first_frame: int = 0) -> None:
-    """Encode `segments` (frame counts) into one MP4, numbering them from `first_segment`."""
+                    first_frame: int = 0, start: np.ndarray | None = None, sound: bool = False) -> None:
+    """Encode `segments` (frame counts) into one MP4, numbering them from `first_segment`.
+
+    `start` (image2video): the first segment begins as that picture and blends into its own pattern, so its
+    first frame is the image the task was given and its last is the segment's own look. `sound`: an AAC track,
+    one tone per segment."""
     tmp = path.with_name(path.name + ".part")
     container, stream = _open_encoder(tmp, spec)
+    audio = _Tone(container, spec.fps) if sound else None
     time_base = Fraction(1, spec.fps)
     global_index = first_frame
     try:
         for offset, frames in enumerate(segments):
             painter = _Painter(spec, first_segment + offset, frames)
             for i in range(frames):
-                frame = av.VideoFrame.from_ndarray(painter.frame(i, global_index), format="yuv420p")
+                picture = painter.frame(i, global_index)
+                if start is not None and offset == 0:
+                    t = i / max(frames - 1, 1)
+                    picture = np.round((1 - t) * start + t * picture).astype(np.uint8)
+                frame = av.VideoFrame.from_ndarray(picture, format="yuv420p")
                 frame.pts, frame.time_base = global_index - first_frame, time_base
                 container.mux(stream.encode(frame))
+                if audio is not None:
+                    audio.add_frame(global_index - first_frame, first_segment + offset)
                 global_index += 1
         container.mux(stream.encode(None))
+        if audio is not None:
+            audio.close()
     finally:
         container.close()
     os.replace(tmp, path)
+
+
+class _Tone:
+    """An AAC stereo track of sine tones, written one video frame's worth at a time (A/V stay in step)."""
+
+    RATE = 48_000
+
+    def __init__(self, container: av.container.OutputContainer, fps: int) -> None:
+        self.container, self.fps = container, fps
+        self.stream = container.add_stream("aac", rate=self.RATE)
+        self.stream.layout = "stereo"
+
+    def add_frame(self, index: int, segment: int) -> None:
+        first, end = (round(i * self.RATE / self.fps) for i in (index, index + 1))
+        t = np.arange(first, end) / self.RATE
+        wave = (0.2 * np.sin(2 * np.pi * 110 * (1 + segment % 4) * t)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = self.RATE, first, Fraction(1, self.RATE)
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))
 
 
 def extend_file(parent: Path, out: Path, parent_segments: list[int], new_frames: int, spec: RenderSpec) -> str:

@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Any
 
-from kling_emulator import catalog
+from kling_emulator import catalog, render
 from kling_emulator.errors import ApiError, bad_param
 
 
@@ -74,7 +74,12 @@ def validate_generation(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     _check_camera(kind, body.get("camera_control"), model, mode, duration)
     for field in ("callback_url", "external_task_id"):
         _optional_string(body, field)
-    return {"model": model, "mode": mode, "duration": duration, "aspect_ratio": aspect}
+    sound = body.get("sound", "off")
+    if sound not in ("on", "off"):
+        raise bad_param("sound must be on or off")
+    if sound == "on" and (model, mode) not in catalog.SOUND:
+        raise bad_param(f"sound is not supported by {model} {mode}")
+    return {"model": model, "mode": mode, "duration": duration, "aspect_ratio": aspect, "sound": sound == "on"}
 
 
 def _check_images(body: dict[str, Any], model: str, mode: str, duration: str) -> None:
@@ -110,6 +115,14 @@ def _check_image(field: str, image: Any) -> None:
         raise bad_param(f"{field} must be a URL or raw base64") from None
     if len(raw) > 10 * 1024 * 1024:
         raise bad_param(f"{field} must be at most 10 MB")
+    try:
+        width, height = render.image_size(raw)
+    except ValueError:
+        raise bad_param(f"{field} must be a .jpg/.jpeg/.png image") from None
+    if min(width, height) < 300:
+        raise bad_param(f"{field} must be at least 300 px on each side, got {width}x{height}")
+    if field == "image" and not 1 / 2.5 <= width / height <= 2.5:
+        raise bad_param(f"{field} aspect ratio must be between 1:2.5 and 2.5:1, got {width}x{height}")
 
 
 def _check_camera(kind: str, camera: Any, model: str, mode: str, duration: str) -> None:

@@ -27,7 +27,9 @@ EVENTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "succeeded": ("kling.task.succeeded", ("video_id", "duration", "credits", "queued_seconds",
                                            "processing_seconds")),
     "failed": ("kling.task.failed", ()),
-    "stored": ("kling.video.stored", ("uri", "size", "sha256")),
+    "stored": ("kling.video.stored", ("uri", "size", "sha256", "stitched_by", "total_seconds")),
+    "clip stored": ("kling.clip.stored", ("clip_uri", "clip_size", "clip_sha256")),
+    "start frame": ("kling.frame.extracted", ("start_frame_sha256",)),
 }
 
 

@@ -91,3 +91,11 @@ def store_key(account: str, task_id: str, resolved_dest: str, object_key: str) -
     `./out` from two folders, or one task adopted by two jobs, are different stores."""
     where = hashlib.sha256(f"{resolved_dest.rstrip('/')}/{object_key}".encode()).hexdigest()[:DIGEST_CHARS]
     return f"kling/{CACHE_VERSION}/{account}/store/{task_id}/{where}"
+
+
+def derived_key(work: str, account: str, inputs: list[str], resolved_dest: str, object_key: str) -> str:
+    """Local work (a start frame, a stitch) is a function of the stored clips it reads: keyed on their sha256s
+    and where its output goes, so the same clips at the same place are the same work."""
+    made_from = digest(inputs)[:DIGEST_CHARS]
+    where = hashlib.sha256(f"{resolved_dest.rstrip('/')}/{object_key}".encode()).hexdigest()[:DIGEST_CHARS]
+    return f"kling/{CACHE_VERSION}/{account}/{work}/{made_from}/{where}"

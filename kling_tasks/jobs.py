@@ -23,6 +23,7 @@ from kling_tasks.api.catalog import (
     MAX_IMAGE_BYTES,
     MAX_SECONDS_PER_EXTENSION,
     PROMPT_MAX,
+    SOUND_MODES,
     T2V_MODELS,
     extension_credits,
     generation_credits,
@@ -32,6 +33,9 @@ DATE_PLACEHOLDER = "{date}"
 _JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 StepKind = Literal["text2video", "image2video", "video-extend"]
+Continuation = Literal["auto", "extend", "last-frame"]
+# How a step came to be: the generation, a video-extend call, or an image2video of the previous clip's last frame.
+StepSource = Literal["generate", "extend", "last-frame"]
 
 
 class PlanError(ValueError):
@@ -51,6 +55,8 @@ class GenerationSpec(BaseModel):
     duration: Literal["5", "10"] = "5"
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
     cfg_scale: float | None = Field(default=None, ge=0, le=1)
+    sound: Literal["on", "off"] | None = Field(
+        default=None, description="Native audio (kling-v2-6 pro, kling-v3); continuations keep it.")
 
     @property
     def kind(self) -> StepKind:
@@ -81,6 +87,14 @@ class VideoJob(BaseModel):
     )
     take: int = Field(default=1, ge=1, le=999, description="2, 3, ...: pay for a deliberate new take of the same spec.")
     max_credits: float | None = Field(default=None, gt=0, description="Refuse plans estimated above this.")
+    continuation: Continuation = Field(
+        default="auto",
+        description="How extensions continue the video: `extend` (Kling's video-extend: kling-v1, v1-5, v1-6), "
+                    "`last-frame` (image2video from the previous clip's last frame, any model), or `auto` "
+                    "(video-extend where the model has it, else last-frame).",
+    )
+    max_seconds: float = Field(default=MAX_EXTENDED_SECONDS, gt=0, le=3600,
+                               description="Longest a last-frame chain may grow (video-extend's cap is 180 s).")
 
     @field_validator("job_id")
     @classmethod
@@ -104,11 +118,23 @@ class VideoJob(BaseModel):
             return self
         return self.model_copy(update={"job_id": self.job_id.replace(DATE_PLACEHOLDER, day.strftime("%Y%m%d"))})
 
+    def resolved_continuation(self) -> Literal["extend", "last-frame"]:
+        """What `auto` means for this job's model: video-extend where Kling has it, last-frame otherwise."""
+        if self.continuation == "auto":
+            return "extend" if self.generate.model_name in EXTENDABLE_MODELS else "last-frame"
+        return self.continuation
+
     def step_contents(self) -> list[dict[str, object]]:
-        """Each step's own content (non-default values only): the inputs of the identity chain."""
+        """Each step's own content (non-default values only): the inputs of the identity chain.
+
+        A last-frame continuation is another task than a video-extend of the same prompt, so its content
+        says so; video-extend steps keep the content (and so the ids) they had before continuations existed.
+        """
         generation = identity.generation_content(
             self.generate.model_dump(mode="json", exclude_defaults=True), self.generate.image, self.take)
-        return [generation, *(ext.model_dump(mode="json", exclude_defaults=True) for ext in self.extensions)]
+        via = {"via": "last-frame"} if self.resolved_continuation() == "last-frame" else {}
+        return [generation, *({**ext.model_dump(mode="json", exclude_defaults=True), **via}
+                              for ext in self.extensions)]
 
     def effective_job_id(self) -> str:
         """The user's job id, or `job-{digest of the whole spec}` (its folder; the tasks' namespace is `kp`)."""
@@ -135,10 +161,38 @@ def check_capabilities(job: VideoJob) -> None:
         raise PlanError(
             f"model {gen.model_name!r} cannot do {gen.kind}; choose one of {', '.join(sorted(allowed))}"
         )
-    if job.extensions and gen.model_name not in EXTENDABLE_MODELS:
+    if job.extensions and job.resolved_continuation() == "last-frame":
+        check_last_frame_chain(job)
+    elif job.extensions:
+        check_extend_chain(job)
+    if gen.sound == "on" and (gen.model_name, gen.mode) not in SOUND_MODES:
+        raise PlanError(f"model {gen.model_name!r} in {gen.mode} mode makes no sound; sound needs one of "
+                        f"{', '.join(f'{model} {mode}' for model, mode in sorted(SOUND_MODES))}")
+    if gen.image and not gen.image.startswith(("http://", "https://")):
+        check_image_file(gen.image)
+
+
+def check_last_frame_chain(job: VideoJob) -> None:
+    """Every continuation is an image2video clip of the job's model, mode and duration."""
+    gen = job.generate
+    if gen.model_name not in I2V_MODELS:
+        raise PlanError(f"model {gen.model_name!r} cannot do image2video, which last-frame continuation needs")
+    length = float(gen.duration) * (1 + len(job.extensions))
+    if length > job.max_seconds:
+        most = int(job.max_seconds // float(gen.duration)) - 1
         raise PlanError(
-            f"model {gen.model_name!r} cannot be extended; video-extend needs one of "
-            f"{', '.join(sorted(EXTENDABLE_MODELS))} (or drop the extensions)"
+            f"{len(job.extensions)} continuations of {gen.duration} s make {length:.0f} s, over max_seconds "
+            f"{job.max_seconds:g}; use at most {max(most, 0)} continuations or raise max_seconds"
+        )
+
+
+def check_extend_chain(job: VideoJob) -> None:
+    gen = job.generate
+    if gen.model_name not in EXTENDABLE_MODELS:
+        raise PlanError(
+            f"model {gen.model_name!r} cannot be extended with video-extend, which needs one of "
+            f"{', '.join(sorted(EXTENDABLE_MODELS))}; use continuation auto or last-frame (image2video from "
+            "each clip's last frame), or drop the extensions"
         )
     worst = float(gen.duration) + MAX_SECONDS_PER_EXTENSION * len(job.extensions)
     if worst > MAX_EXTENDED_SECONDS:
@@ -147,8 +201,6 @@ def check_capabilities(job: VideoJob) -> None:
             f"{len(job.extensions)} extensions may reach {worst:.0f} s, over Kling's {MAX_EXTENDED_SECONDS:.0f} s "
             f"cap for an extended video; use at most {most} extensions after a {gen.duration} s clip"
         )
-    if gen.image and not gen.image.startswith(("http://", "https://")):
-        check_image_file(gen.image)
 
 
 def check_image_file(image: str) -> None:
@@ -174,8 +226,8 @@ def check_image_file(image: str) -> None:
 @dataclass(frozen=True)
 class PlannedStep:
     index: int
-    kind: StepKind
-    name: str  # what the step does, for task-run names: generate, extend-2-of-3
+    kind: StepKind  # the Kling task's kind: a last-frame continuation is an image2video task
+    name: str  # what the step does, for task-run names: generate, extend-2-of-3, continue-2-of-3
     external_task_id: str
     content_digest: str  # the step's own content, for the ledger's "same spec" check
     estimated_credits: float
@@ -183,10 +235,15 @@ class PlannedStep:
     negative_prompt: str | None
     cfg_scale: float | None
     attempt: int
+    source: StepSource = "generate"
 
     @property
     def label(self) -> str:
         return f"step-{self.index:02d}"
+
+    @property
+    def from_last_frame(self) -> bool:
+        return self.source == "last-frame"
 
 
 @dataclass(frozen=True)
@@ -195,6 +252,12 @@ class Plan:
     model_name: str
     mode: str
     steps: tuple[PlannedStep, ...]
+    continuation: Literal["extend", "last-frame"] = "extend"
+
+    @property
+    def stitched(self) -> bool:
+        """Clips are stored one by one (clip-NN.mp4) and joined here (last-frame), not by Kling (video-extend)."""
+        return self.continuation == "last-frame"
 
     @property
     def estimated_credits(self) -> float:
@@ -211,26 +274,33 @@ def plan_job(job: VideoJob, attempts: dict[int, int] | None = None) -> Plan:
     gen = job.generate
     total = len(job.extensions)
     contents = job.step_contents()
+    continuation = job.resolved_continuation()
     chain: str | None = None
     steps: list[PlannedStep] = []
     for index, content in enumerate(contents):
         attempt = attempts.get(index, 0)
         chain = identity.chain_digest(chain, content, attempt)
+        source: StepSource = "generate" if index == 0 else continuation
         if index == 0:
             kind: StepKind = gen.kind
             name, credits = "generate", generation_credits(gen.model_name, gen.mode, gen.duration)
             prompt, negative, cfg = gen.prompt, gen.negative_prompt, gen.cfg_scale
         else:
             ext = job.extensions[index - 1]
-            kind, name, credits = "video-extend", f"extend-{index}-of-{total}", extension_credits(gen.model_name,
-                                                                                                  gen.mode)
+            if source == "last-frame":  # an image2video clip of the job's model, mode and duration
+                kind, name = "image2video", f"continue-{index}-of-{total}"
+                credits = generation_credits(gen.model_name, gen.mode, gen.duration)
+            else:
+                kind, name = "video-extend", f"extend-{index}-of-{total}"
+                credits = extension_credits(gen.model_name, gen.mode)
             prompt, negative, cfg = ext.prompt, ext.negative_prompt, ext.cfg_scale
         steps.append(PlannedStep(
             index=index, kind=kind, name=name,
             external_task_id=identity.external_task_id(job.namespace(), index, chain),
             content_digest=identity.content_digest(content), estimated_credits=credits,
-            prompt=prompt, negative_prompt=negative, cfg_scale=cfg, attempt=attempt))
-    return Plan(job_id=job.effective_job_id(), model_name=gen.model_name, mode=gen.mode, steps=tuple(steps))
+            prompt=prompt, negative_prompt=negative, cfg_scale=cfg, attempt=attempt, source=source))
+    return Plan(job_id=job.effective_job_id(), model_name=gen.model_name, mode=gen.mode, steps=tuple(steps),
+                continuation=continuation)
 
 
 def check_budget(job: VideoJob, plan: Plan) -> None:

@@ -31,8 +31,9 @@ MAX_REPORTED = 10
 SUFFIXES = (".yaml", ".yml", ".json", ".jsonl", ".csv")
 _JOB_KEYS = frozenset(VideoJob.model_fields) | {"prompt", "extend"}
 _GENERATE_KEYS = frozenset(GenerationSpec.model_fields)
-_CSV_GENERATE = ("prompt", "negative_prompt", "image", "model_name", "mode", "duration", "aspect_ratio", "cfg_scale")
-_CSV_JOB = ("job_id", "take", "dest", "max_credits")
+_CSV_GENERATE = ("prompt", "negative_prompt", "image", "model_name", "mode", "duration", "aspect_ratio", "cfg_scale",
+                 "sound")
+_CSV_JOB = ("job_id", "take", "dest", "max_credits", "continuation", "max_seconds")
 _CSV_EXTEND = re.compile(r"^extend_([1-9][0-9]*)$")
 
 Loc = tuple[int | str, ...]

@@ -6,6 +6,7 @@ Preflight builds every request of the plan before anything is sent, so anything 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from pydantic import ValidationError
@@ -18,7 +19,21 @@ from kling_tasks.step_results import Rendered
 TaskRequest = Text2VideoRequest | Image2VideoRequest | VideoExtendRequest
 
 
-def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendered | None) -> TaskRequest:
+# What check_requests sends through the request models in place of a continuation's frame (not known yet):
+# a tiny valid JPEG header is enough, the models check the encoding and the size, not the picture.
+_PLANNED_FRAME = b"\xff\xd8\xff\xe0planned-frame\xff\xd9"
+
+
+def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendered | None,
+                  start_frame: bytes | None = None) -> TaskRequest:
+    """The create request of `step`; a last-frame continuation needs `start_frame` (the JPEG it starts from)."""
+    if step.from_last_frame:
+        if start_frame is None:
+            raise ValueError(f"{step.name} needs the previous clip's last frame")
+        return Image2VideoRequest(
+            image=base64.b64encode(start_frame).decode("ascii"), model_name=generation.model_name,
+            prompt=step.prompt, negative_prompt=step.negative_prompt, cfg_scale=step.cfg_scale,
+            mode=generation.mode, duration=generation.duration, sound=generation.sound)
     if step.kind == "video-extend":
         if parent is None:
             raise ValueError(f"{step.name} needs its parent's video")
@@ -31,6 +46,7 @@ def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendere
         "cfg_scale": generation.cfg_scale,
         "mode": generation.mode,
         "duration": generation.duration,
+        "sound": generation.sound,
     }
     if step.kind == "image2video":
         assert generation.image is not None
@@ -44,7 +60,7 @@ def check_requests(job: VideoJob, plan: Plan, provider: Provider) -> None:
                         duration=0.0, credits=None, request_id=None, queued_seconds=0.0, processing_seconds=0.0)
     for step in plan.steps:
         try:
-            build_request(step, job.generate, stand_in).to_body(provider)
+            build_request(step, job.generate, stand_in, _PLANNED_FRAME).to_body(provider)
         except ValidationError as exc:
             problems = "; ".join(str(error["msg"]).removeprefix("Value error, ") for error in exc.errors())
             raise PlanError(f"{step.name}: Kling would refuse the request: {problems}") from None

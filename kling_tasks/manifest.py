@@ -30,6 +30,16 @@ def step_key(job_id: str, index: int) -> str:
     return f"{job_id}/step-{index:02d}.mp4"
 
 
+def clip_key(job_id: str, index: int) -> str:
+    """A last-frame job's clip as Kling made it (step-NN.mp4 is the whole video so far, stitched)."""
+    return f"{job_id}/clip-{index:02d}.mp4"
+
+
+def frame_key(job_id: str, index: int) -> str:
+    """The start image a last-frame continuation sent: the previous clip's last frame."""
+    return f"{job_id}/frame-{index:02d}.jpg"
+
+
 def final_key(job_id: str) -> str:
     return f"{job_id}/final.mp4"
 
@@ -72,6 +82,14 @@ class StepRecord(BaseModel):
     size: int | None = None
     sha256: str | None = None
     request_id: str | None = None
+    # Last-frame continuation (the job's continuation is `last-frame`): the clip Kling made, the image this
+    # step started from (None for step 0), and how step-NN.mp4 was joined from the clips (copy | reencode).
+    clip_uri: str | None = None
+    clip_size: int | None = None
+    clip_sha256: str | None = None
+    start_frame_sha256: str | None = None
+    stitched_by: str | None = None
+    total_seconds: float | None = None  # length of the stitched step-NN.mp4 (`duration` is the clip's)
     updated_at: str | None = None
 
 
@@ -84,6 +102,7 @@ class Manifest(BaseModel):
     provider: str
     account: str | None = None  # kling_tasks.identity.account_fingerprint: whose money these steps are
     spec: dict[str, Any] = Field(default_factory=dict)
+    continuation: str | None = None  # how extensions were made: extend (video-extend) | last-frame
     estimated_credits: float | None = None
     steps: list[StepRecord] = Field(default_factory=list)
     status: JobStatus = "pending"

@@ -119,6 +119,7 @@ class JobRecorder:
         now = _now()
         self.manifest = Manifest(
             job_id=plan.job_id, provider=provider, account=account, spec=job.public_spec(),
+            continuation=plan.continuation if len(plan.steps) > 1 else None,
             estimated_credits=plan.estimated_credits, steps=steps, status="running", final_uri=None,
             created_at=previous.created_at if previous else now, updated_at=now,
         )
@@ -193,6 +194,11 @@ class JobRecorder:
         record = self.record(step)
         return record.sha256 if record.task_id == task_id and record.status == "stored" else None
 
+    def proven_clip_sha256(self, step: PlannedStep, task_id: str) -> str | None:
+        """The sha256 the ledger recorded for this very task's clip (a last-frame job's clip-NN.mp4)."""
+        record = self.record(step)
+        return record.clip_sha256 if record.task_id == task_id else None
+
     # ---- transitions ---------------------------------------------------------------------------------------
 
     def submitting(self, step: PlannedStep) -> None:
@@ -244,6 +250,18 @@ class JobRecorder:
     def stored(self, step: PlannedStep, stored: StoredObject) -> None:
         self._transition(step, "stored", status="stored", uri=stored.uri, size=stored.size, sha256=stored.sha256)
 
+    def clip_stored(self, step: PlannedStep, stored: StoredObject) -> None:
+        self._transition(step, "clip stored", {"uri": stored.uri}, clip_uri=stored.uri, clip_size=stored.size,
+                         clip_sha256=stored.sha256)
+
+    def start_frame(self, step: PlannedStep, frame: StoredObject) -> None:
+        """The image this continuation starts from, before its create is sent."""
+        self._transition(step, "start frame", {"uri": frame.uri}, start_frame_sha256=frame.sha256)
+
+    def stitched(self, step: PlannedStep, stored: StoredObject, method: str | None, seconds: float | None) -> None:
+        self._transition(step, "stored", {"stitched_by": method}, status="stored", uri=stored.uri,
+                         size=stored.size, sha256=stored.sha256, stitched_by=method, total_seconds=seconds)
+
     def finish(self) -> StoredObject:
         """Publish the last step's video as final.mp4 (a server-side copy, not a second download)."""
         last = self.plan.steps[-1]
@@ -264,7 +282,8 @@ class JobRecorder:
             existing = self.sink.head(contact_sheet_key(self.plan.job_id))
             if existing is not None:
                 return existing
-        durations = [record.duration or 0.0 for record in self.manifest.steps]
+        # The video's length after each step: Kling's (video-extend delivers the whole) or the stitched length.
+        durations = [record.total_seconds or record.duration or 0.0 for record in self.manifest.steps]
         try:
             sheet = store_contact_sheet(self.sink, self.plan.job_id, final.key, durations, final.size)
         except Exception as exc:

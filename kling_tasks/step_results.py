@@ -34,3 +34,14 @@ class Rendered(BaseModel):
     request_id: str | None
     queued_seconds: float
     processing_seconds: float
+
+
+class StartImage(BaseModel):
+    """Where a last-frame continuation's start image is stored: the submit reads it there (never as a task
+    parameter: base64 of a frame has no place in the Prefect database) and checks its sha256."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dest: str
+    key: str
+    sha256: str

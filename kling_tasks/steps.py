@@ -12,6 +12,7 @@ Prefect (a cut download, an S3 5xx); everything else fails the step with Kling's
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
 from typing import Any
@@ -25,9 +26,9 @@ from kling_tasks import identity, recorder
 from kling_tasks.api import BackPressureError, KlingClient, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
-from kling_tasks.manifest import step_key
+from kling_tasks.manifest import clip_key, step_key
 from kling_tasks.settings import KlingSettings, load_settings
-from kling_tasks.step_results import Rendered, Submission
+from kling_tasks.step_results import Rendered, StartImage, Submission
 from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
 
 BACKPRESSURE_MAX_DELAY = 30.0
@@ -43,8 +44,13 @@ def wait_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 def store_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
     resolved = open_sink(parameters["dest"]).dest  # an absolute folder, or s3://bucket/prefix
-    key = step_key(parameters["job_id"], parameters["step"].index)
+    key = object_key(parameters["job_id"], parameters["step"].index, parameters.get("clip", False))
     return identity.store_key(parameters["account"], parameters["task_id"], resolved, key)
+
+
+def object_key(job_id: str, index: int, clip: bool) -> str:
+    """Where a step's Kling video goes: step-NN.mp4, or clip-NN.mp4 in a last-frame job (which stitches)."""
+    return clip_key(job_id, index) if clip else step_key(job_id, index)
 
 
 async def retry_if_storage_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -73,11 +79,15 @@ def _ledger(job_id: str) -> recorder.JobRecorder | None:
 async def submit_step(
     job_id: str, step: PlannedStep, generation: GenerationSpec, parent: Rendered | None, account: str, *,
     may_exist: bool = False, adopt_task_id: str | None = None, assume_not_created: bool = False,
+    start_image: StartImage | None = None,
 ) -> Submission:
-    """Create the Kling task for this step, or adopt the one that already carries its external id."""
+    """Create the Kling task for this step, or adopt the one that already carries its external id.
+
+    A last-frame continuation sends `start_image` (read from the sink, checked against its sha256)."""
     logger = get_run_logger()
     settings = load_settings()
-    request = build_request(step, generation, parent)
+    frame = await asyncio.to_thread(read_start_image, start_image) if start_image is not None else None
+    request = build_request(step, generation, parent, frame)
     ledger = _ledger(job_id)
 
     async def before_post() -> None:  # the write-ahead intent: a crash after the POST leaves it for the rerun
@@ -113,6 +123,14 @@ async def submit_step(
     )
     return Submission(task_id=snap.task_id, external_task_id=step.external_task_id, adopted=result.adopted,
                       request_id=snap.request_id, status=snap.task_status)
+
+
+def read_start_image(image: StartImage) -> bytes:
+    data = open_sink(image.dest).read_bytes(image.key)
+    if data is None or hashlib.sha256(data).hexdigest() != image.sha256:
+        raise StorageError(f"the start image {image.key} is gone or changed since it was extracted",
+                           retryable=False)
+    return data
 
 
 @task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
@@ -169,12 +187,12 @@ def is_this_tasks(obj: StoredObject | None, task_id: str, proven_sha256: str | N
       retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=retry_if_storage_transient)
 async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
-                     proven_sha256: str | None = None) -> StoredObject:
+                     proven_sha256: str | None = None, clip: bool = False) -> StoredObject:
     """Stream the step's video into the sink, unless this very task's video is already there."""
     logger = get_run_logger()
     settings = load_settings()
     sink = open_sink(dest)
-    key = step_key(job_id, step.index)
+    key = object_key(job_id, step.index, clip)
     existing = await asyncio.to_thread(sink.head, key)
     if is_this_tasks(existing, task_id, proven_sha256):
         assert existing is not None
@@ -201,16 +219,17 @@ async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id
 
 
 async def store_proven(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
-                       proven_sha256: str | None) -> StoredObject:
+                       proven_sha256: str | None, clip: bool = False) -> StoredObject:
     """The store task, and a check of what a Cached store claims: an object since deleted or overwritten by
     another task is stored again (the cache says what was stored, not what is there now)."""
-    stored = await store_step(job_id, step, kind, task_id, dest, account, proven_sha256)
+    store = store_step.with_options(task_run_name=f"store-clip-{step.index:02d}") if clip else store_step
+    stored = await store(job_id, step, kind, task_id, dest, account, proven_sha256, clip)
     current = await asyncio.to_thread(open_sink(dest).head, stored.key)
     if current is not None and current.sha256 == stored.sha256 and current.task_id in (None, task_id):
         return stored
     get_run_logger().warning("the cached store of %s is gone or changed at %s; storing it again",
                              step.label, stored.uri)
-    return await store_step.with_options(refresh_cache=True)(job_id, step, kind, task_id, dest, account, None)
+    return await store.with_options(refresh_cache=True)(job_id, step, kind, task_id, dest, account, None, clip)
 
 
 async def store_into_ledger(ledger: recorder.JobRecorder, step: PlannedStep, task_id: str, dest: str,

@@ -15,6 +15,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_SECONDS_PER_EXTENSION",
     "PROMPT_MAX",
+    "SOUND_MODES",
     "T2V_MODELS",
     "extension_credits",
     "generation_credits",
@@ -30,6 +31,9 @@ T2V_MODELS = frozenset(
 I2V_MODELS = T2V_MODELS | {"kling-v1-5", "kling-v2-1"}
 # Master models have no std/pro split: one price per duration (§6, §13).
 MASTER_MODELS = frozenset({"kling-v2-master", "kling-v2-1-master"})
+
+# Native audio (`sound: on`, §5.1, §6): kling-v2-6 renders sound in pro mode only; kling-v3 in both.
+SOUND_MODES = frozenset({("kling-v2-6", "pro"), ("kling-v3", "std"), ("kling-v3", "pro")})
 
 # video-extend (§8): sources from these models only, 4-5 s per call, the whole video at most 180 s.
 EXTENDABLE_MODELS = frozenset({"kling-v1", "kling-v1-5", "kling-v1-6"})

@@ -14,7 +14,14 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kling_tasks.api.catalog import I2V_MODELS, IMAGE_SUFFIXES, MAX_IMAGE_BYTES, PROMPT_MAX, T2V_MODELS
+from kling_tasks.api.catalog import (
+    I2V_MODELS,
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_BYTES,
+    PROMPT_MAX,
+    SOUND_MODES,
+    T2V_MODELS,
+)
 from kling_tasks.api.errors import InvalidRequestError
 from kling_tasks.settings import Provider
 
@@ -65,6 +72,7 @@ class _GenerationRequest(TaskRequest):
     cfg_scale: float | None = Field(None, ge=0.0, le=1.0)
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
+    sound: Literal["on", "off"] | None = None  # v2.6+ (§5.1); None: not sent (Kling's default is off)
     callback_url: str | None = None
 
     _allowed_models: ClassVar[frozenset[str]] = T2V_MODELS
@@ -80,6 +88,12 @@ class _GenerationRequest(TaskRequest):
         if value not in cls._allowed_models:
             raise ValueError(f"model {value!r} is not accepted by {cls.kind}; use one of {sorted(cls._allowed_models)}")
         return value
+
+    @model_validator(mode="after")
+    def _sound(self) -> Self:
+        if self.sound == "on" and (self.model_name, self.mode) not in SOUND_MODES:
+            raise ValueError(f"sound is only made by {', '.join(f'{m} {o}' for m, o in sorted(SOUND_MODES))}")
+        return self
 
 
 class Text2VideoRequest(_GenerationRequest):

@@ -84,6 +84,7 @@ def step_rows(manifest: Manifest) -> list[dict[str, Any]]:
             "processing_s": _round(step.processing_seconds),
             "credits": step.credits,
             "uri": step.uri,
+            **({"clip_uri": step.clip_uri, "stitched_by": step.stitched_by} if step.clip_uri else {}),
         }
         for step in manifest.steps
     ]
@@ -103,7 +104,8 @@ def summary_markdown(manifest: Manifest, *, wall_seconds: float, manifest_uri: s
     """The human summary: picture first, then the numbers people ask about."""
     steps = manifest.steps
     extensions = max(0, len(steps) - 1)
-    length = steps[-1].duration if steps and steps[-1].duration is not None else None
+    last = steps[-1] if steps else None
+    length = last.total_seconds or last.duration if last is not None else None
     lines = [f"# {manifest.job_id}: {manifest.status}", ""]
     failed = next((s for s in steps if s.status == "failed"), None)
     if failed is not None:
@@ -116,7 +118,7 @@ def summary_markdown(manifest: Manifest, *, wall_seconds: float, manifest_uri: s
         "| | |",
         "|---|---|",
         f"| total length | {f'{length:.1f} s' if length is not None else 'n/a'} "
-        f"(1 generation + {extensions} extension(s)) |",
+        f"({how_made(manifest, extensions)}) |",
         f"| credits | {manifest.credits_charged:g} charged (estimated {manifest.estimated_credits or 0:g}) |",
         f"| wall time | {wall_seconds:.1f} s (this run) |",
         f"| provider | {_cell(manifest.provider)} |",
@@ -128,6 +130,17 @@ def summary_markdown(manifest: Manifest, *, wall_seconds: float, manifest_uri: s
     if sheet_uri:
         lines.append(f"| contact sheet | `{_cell(sheet_uri)}` |")
     return "\n".join(lines) + "\n"
+
+
+def how_made(manifest: Manifest, extensions: int) -> str:
+    """`1 generation + 3 extension(s)`, saying which continuation made them and how clips were joined."""
+    if manifest.continuation != "last-frame":
+        return f"1 generation + {extensions} extension(s)" + (" by video-extend" if extensions else "")
+    joins = sorted({step.stitched_by for step in manifest.steps[1:] if step.stitched_by})
+    joined = {"copy": "stream copy", "reencode": "re-encoding"}
+    how = " and ".join(joined.get(join, join) for join in joins) or "not yet stitched"
+    return (f"1 generation + {extensions} last-frame continuation(s): image2video from each clip's last frame, "
+            f"clips joined by {how}")
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 from collections.abc import Mapping
+from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 from urllib.parse import quote
 
@@ -93,6 +94,14 @@ class Sink(Protocol):
         its sha256 is `reuse_sha256` (and its size `expected_size`, if given). Leftovers of an earlier
         store of this key that was killed (open multipart uploads, `.part` temp files) are cleaned up.
         """
+        ...
+
+    def store_file(self, path: Path, key: str, *, metadata: Mapping[str, str]) -> StoredObject:
+        """Put a local file (made by the pipeline itself: a stitched video) at `key`, visible only whole."""
+        ...
+
+    def fetch_file(self, key: str, path: Path) -> bool:
+        """Copy the object at `key` into the local file `path`, streamed; False if it does not exist."""
         ...
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject: ...

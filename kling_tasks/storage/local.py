@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
@@ -161,6 +162,17 @@ class LocalSink:
             got = fetch_to(url, fh.write, expected_size=expected_size, allow_private=allow_private, http=http)
         return self._obj(key, got.size, got.sha256)
 
+    def store_file(self, path: Path, key: str, *, metadata: Mapping[str, str]) -> StoredObject:
+        """Copy a local file (made here: a stitched video) to `key` atomically; a folder keeps no metadata."""
+        return self._copy_from(path, key)
+
+    def fetch_file(self, key: str, path: Path) -> bool:
+        src = self._path(key)
+        if not src.is_file():
+            return False
+        shutil.copyfile(src, path)
+        return True
+
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         with self._atomic(key) as fh:
             fh.write(data)
@@ -176,6 +188,9 @@ class LocalSink:
         src = self._path(src_key)
         if not src.is_file():
             raise DestinationError(f"cannot copy: {src} does not exist")
+        return self._copy_from(src, dst_key)
+
+    def _copy_from(self, src: Path, dst_key: str) -> StoredObject:
         digest, size = hashlib.sha256(), 0
         with self._atomic(dst_key) as out, src.open("rb") as fh:
             while chunk := fh.read(CHUNK_SIZE):

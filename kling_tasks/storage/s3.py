@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import boto3
@@ -211,6 +212,35 @@ class S3Sink:
         except (BotoCoreError, ClientError) as exc:
             reason = self.error(exc, "clean up")
             log.warning("open uploads of s3://%s/%s not cleaned up: %s", self.bucket, full_key, reason)
+
+    def store_file(self, path: Path, key: str, *, metadata: Mapping[str, str]) -> StoredObject:
+        """Upload a local file (made here: a stitched video) to `key`; visible only once whole."""
+        full = self._full(key)
+        meta = clean_metadata(metadata)
+        self._abort_stale_uploads(full)
+        upload = self.new_upload(full, content_type_for(key), meta)
+        digest, size = hashlib.sha256(), 0
+        try:
+            with path.open("rb") as fh:
+                while chunk := fh.read(self.part_size):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    upload.write(chunk)
+            upload.finish(digest.hexdigest())
+        except BaseException:
+            upload.abort()
+            raise
+        return self._obj(key, size, digest.hexdigest(), meta.get("task_id") or None)
+
+    def fetch_file(self, key: str, path: Path) -> bool:
+        """Download `key` into the local file `path` (streamed); False if there is no such object."""
+        full = self._full(key)
+
+        def download() -> bool:
+            self.client.download_file(self.bucket, full, str(path))
+            return True
+
+        return self._read(download) is not None
 
     def write_bytes(self, key: str, data: bytes, content_type: str) -> StoredObject:
         sha = hashlib.sha256(data).hexdigest()

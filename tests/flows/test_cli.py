@@ -21,7 +21,8 @@ def run_cli(*args: str) -> Any:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "kling-v2-master", "--extend", "more"], "cannot be extended"),
+        (["--model", "kling-v2-master", "--extend", "more", "--continuation", "extend"], "cannot be extended"),
+        (["--extend", "more", "--continuation", "sideways"], "continuation: Input should be"),
         (["--extend", "x"] * 40, "40 extensions may reach 205 s"),
         (["--prompt", "p" * 3000], "at most 2500 characters"),
         (["--max-credits", "2", "--extend", "a", "--extend", "b"], "over max_credits 2"),

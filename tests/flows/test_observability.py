@@ -272,7 +272,8 @@ def test_artifacts(observed: Observed, which: str) -> None:
 
     summary = str(arts[f"{JOB_ID}-summary"].data)
     last = run.manifest["steps"][-1]
-    assert f"| total length | {last['duration']:.1f} s (1 generation + {EXTENSIONS} extension(s)) |" in summary
+    made = f"1 generation + {EXTENSIONS} extension(s) by video-extend"
+    assert f"| total length | {last['duration']:.1f} s ({made}) |" in summary
     assert f"| credits | {run.manifest['credits_charged']:g} charged" in summary
     assert "| wall time |" in summary
     assert f"`s3://videos/runs/{JOB_ID}/manifest.json`" in summary

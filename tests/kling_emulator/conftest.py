@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,16 @@ def download(url: str, dest: Path) -> httpx.Response:
     assert response.status_code == 200, response.text
     dest.write_bytes(response.content)
     return response
+
+
+def jpeg(rgb: tuple[int, int, int], size: tuple[int, int] = (534, 300)) -> bytes:
+    """A plain-coloured JPEG (Kling's image rules: each side >= 300 px, aspect within 2.5:1 by default)."""
+    width, height = size
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = width, height, "yuvj420p"
+    codec.time_base = Fraction(1, 25)
+    picture = av.VideoFrame.from_ndarray(np.full((height, width, 3), rgb, dtype=np.uint8), format="rgb24")
+    return b"".join(bytes(p) for p in [*codec.encode(picture.reformat(format="yuvj420p")), *codec.encode(None)])
 
 
 def decode(path: Path) -> tuple[float, list[np.ndarray], tuple[int, int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 
 from kling_emulator import EmulatorConfig, start_emulator
+
+from .conftest import jpeg
 
 
 def mean_rgb(frame: np.ndarray) -> np.ndarray:
@@ -109,3 +113,37 @@ def test_results_expire_after_the_ttl(short_ttl: Any, tools: Any, tmp_path: Path
 
 def test_unknown_file_is_404(kling: Any) -> None:
     assert kling.http.get("/_files/00000000-0000-0000-0000-000000000000.mp4").status_code == 404
+
+
+def test_image2video_starts_as_the_image_it_was_given_and_records_its_digest(kling: Any, tools: Any,
+                                                                             tmp_path: Path) -> None:
+    """The seam of a last-frame continuation can be checked on pixels: frame 0 is the picture sent, the clip
+    then moves to a look of its own; the digest of what was received is in the stats."""
+    image = jpeg((170, 80, 70))
+    video = kling.finished("image2video", image=base64.b64encode(image).decode(), model_name="kling-v2-6",
+                           external_task_id="i2v-start")
+    _, frames, _ = check_video(tools, video, tmp_path / "i2v.mp4")
+    assert np.abs(mean_rgb(frames[0]) - (170, 80, 70)).max() < 16, "the first frame is the image"
+    assert np.abs(mean_rgb(frames[-1]) - mean_rgb(frames[0])).max() > 30, "and the clip moves on from it"
+    task = kling.stats()["tasks"][video["task_id"]]
+    assert task["image_sha256"] == hashlib.sha256(image).hexdigest()
+
+
+@pytest.mark.parametrize(("size", "message"), [((200, 200), "at least 300 px"), ((900, 300), "aspect ratio")])
+def test_image2video_refuses_images_outside_klings_rules(kling: Any, size: tuple[int, int], message: str) -> None:
+    body = {"image": base64.b64encode(jpeg((90, 90, 90), size)).decode(), "model_name": "kling-v2-6"}
+    answer = kling.post("image2video", body)
+    assert answer.status_code == 400 and answer.json()["code"] == 1201 and message in answer.json()["message"]
+
+
+def test_sound_on_renders_an_audio_track_as_long_as_the_picture(kling: Any, tools: Any, tmp_path: Path) -> None:
+    import av
+
+    video = kling.finished(model_name="kling-v2-6", mode="pro", sound="on", prompt="waves")
+    seconds, _, _ = check_video(tools, video, tmp_path / "loud.mp4")
+    with av.open(str(tmp_path / "loud.mp4")) as container:
+        assert container.streams.audio
+        sound = sum(frame.samples for frame in container.decode(audio=0)) / 48_000
+    assert abs(sound - seconds) < 0.1
+    refused = kling.post("text2video", {"model_name": "kling-v2-6", "mode": "std", "sound": "on", "prompt": "x"})
+    assert refused.status_code == 400 and "sound is not supported" in refused.json()["message"]

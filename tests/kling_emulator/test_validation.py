@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 
 from kling_emulator import EmulatorConfig, start_emulator
+
+from .conftest import jpeg
 
 IMAGE = "https://example.invalid/start.png"
 ZOOM = {"type": "simple", "config": {"zoom": 5}}
@@ -74,6 +77,7 @@ I2V_REFUSED = [
     ({"image": None}, "image"),
     ({"image": "data:image/png;base64,AAAA"}, "image"),
     ({"image": "not base64 !!"}, "image"),
+    ({"image": "aGVsbG8="}, "image"),  # base64, but not of an image
     ({"image_tail": IMAGE, "model_name": "kling-v2-master"}, "image_tail"),
     ({"image_tail": IMAGE, "model_name": "kling-v1", "duration": "10"}, "image_tail"),
     ({"image_tail": IMAGE, "model_name": "kling-v1-6", "mode": "std"}, "image_tail"),
@@ -95,7 +99,7 @@ def test_image2video_refusals(kling: Any, change: dict[str, Any], field: str) ->
 @pytest.mark.parametrize(
     "body",
     [
-        {"image": "aGVsbG8="},  # raw base64
+        {"image": base64.b64encode(jpeg((90, 120, 150))).decode()},  # raw base64 of a JPEG
         {"image_tail": IMAGE, "model_name": "kling-v1-6", "mode": "pro"},  # the end frame alone (current doc)
         {"image": IMAGE, "image_tail": IMAGE, "model_name": "kling-v1", "mode": "std"},
         {"image": IMAGE, "model_name": "kling-v1-5", "mode": "pro", "camera_control": ZOOM},

@@ -120,7 +120,6 @@ def test_budget_refusal() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "extensions", "message"),
     [
-        ({"model_name": "kling-v2-5-turbo"}, 1, "cannot be extended"),
         ({"model_name": "kling-v1-5"}, 0, "cannot do text2video"),
         ({"model_name": "kling-v9"}, 0, "cannot do text2video"),
         ({}, 36, "use at most 35 extensions"),

@@ -183,8 +183,8 @@ def test_at_most_ten_errors_then_a_count() -> None:
     ("- just a prompt\n", "expected a mapping of job fields, got str"),
     ("- prompt: a\n  colour: red\n", "colour: Extra inputs are not permitted"),
     ("- {prompt: a, job_id: Teaser}\n", "job_id: job_id must be 1-40 characters of lowercase letters"),
-    ("- {generate: {prompt: a, model_name: kling-v2-master}, extend: [b]}\n", "model 'kling-v2-master' cannot be "
-                                                                             "extended; video-extend needs one of"),
+    ("- {generate: {prompt: a, model_name: kling-v2-master}, extend: [b], continuation: extend}\n",
+     "model 'kling-v2-master' cannot be extended with video-extend, which needs one of"),
     ("- {generate: {prompt: a, image: missing.png}}\n", "image file 'missing.png' does not exist"),
     ("- {prompt: a, mode: pro}\n", "mode: belongs under generate: (only prompt has a flat shorthand)"),
     ("- {prompt: a, extend: [b, c], max_credits: 2}\n", "the plan is estimated at 3 credits, over max_credits 2"),
@@ -250,8 +250,9 @@ def test_unreadable_files_and_unknown_suffixes(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("header", "expected"), [
-    ("prompt,colour,Size", "unknown columns colour, size (known: aspect_ratio, cfg_scale, dest, duration, image, "
-                           "job_id, max_credits, mode, model_name, negative_prompt, prompt, take, extend_1..extend_N)"),
+    ("prompt,colour,Size", "unknown columns colour, size (known: aspect_ratio, cfg_scale, continuation, dest, "
+                           "duration, image, job_id, max_credits, max_seconds, mode, model_name, negative_prompt, "
+                           "prompt, sound, take, extend_1..extend_N)"),
     ("prompt,extend_1,extend_3", "extend columns must be extend_1..extend_N; missing extend_2"),
     ("prompt,extend_0", "unknown columns extend_0"),
     ("job_id,mode", "missing column prompt"),

@@ -233,7 +233,7 @@ async def test_a_cached_store_whose_object_is_still_there_is_kept(monkeypatch: p
     sink, store = FakeSink({KEY: current}), FakeStoreTask(CACHED)
     patch_store(monkeypatch, sink, store)
     assert await steps.store_proven("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa") == CACHED
-    assert store.calls == [({}, ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa"))]
+    assert store.calls == [({}, ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa", False))]
     assert sink.heads == [KEY]
 
 
@@ -249,7 +249,7 @@ async def test_a_cached_store_whose_object_is_gone_or_changed_stores_again(monke
     patch_store(monkeypatch, sink, store)
     assert await steps.store_proven("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, "aa") == AGAIN
     assert [options for options, _ in store.calls] == [{}, {"refresh_cache": True}]
-    assert store.calls[1][1] == ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, None), \
+    assert store.calls[1][1] == ("j", STEP, "video-extend", "T1", "s3://bucket/videos", ACCOUNT, None, False), \
         "stored again without the stale proof"
 
 
@@ -317,6 +317,6 @@ async def test_the_ledger_proves_a_store_only_for_the_task_it_recorded(tmp_path:
     sink, store = FakeSink({KEY: fresh}), FakeStoreTask(fresh)
     patch_store(monkeypatch, sink, store)
     await steps.store_into_ledger(ledger, STEP, task_id, "s3://bucket/videos", ACCOUNT)
-    assert store.calls == [({}, ("j", STEP, "video-extend", task_id, "s3://bucket/videos", ACCOUNT, proof))]
+    assert store.calls == [({}, ("j", STEP, "video-extend", task_id, "s3://bucket/videos", ACCOUNT, proof, False))]
     record = ledger.record(STEP)
     assert (record.status, record.uri, record.size, record.sha256) == ("stored", fresh.uri, 9, "cc")

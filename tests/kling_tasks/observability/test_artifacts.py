@@ -64,7 +64,7 @@ def test_summary_has_picture_length_credits_wall_time_and_manifest() -> None:
                             sheet_uri="/out/job-1/contact-sheet.jpg")
     assert text.startswith("# job-1: succeeded")
     assert "![contact sheet: one frame per segment](data:image/jpeg;base64,AAAA)" in text
-    assert "| total length | 14.0 s (1 generation + 2 extension(s)) |" in text
+    assert "| total length | 14.0 s (1 generation + 2 extension(s) by video-extend) |" in text
     assert "| credits | 3 charged (estimated 3) |" in text
     assert "| wall time | 12.3 s (this run) |" in text
     assert "`/out/job-1/manifest.json`" in text and "(file:///out/job-1/final.mp4)" in text
