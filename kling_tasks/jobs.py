@@ -29,7 +29,8 @@ from kling_tasks.api.catalog import (
 )
 
 DATE_PLACEHOLDER = "{date}"
-_JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+# Matched whole (fullmatch: `$` alone would let a trailing newline through into folder names and S3 keys).
+_JOB_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 StepKind = Literal["text2video", "image2video", "video-extend"]
 
@@ -85,7 +86,7 @@ class VideoJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id_shape(cls, value: str | None) -> str | None:
-        if value is not None and not _JOB_ID_PATTERN.match(value.replace(DATE_PLACEHOLDER, "20260101")):
+        if value is not None and not _JOB_ID_PATTERN.fullmatch(value.replace(DATE_PLACEHOLDER, "20260101")):
             raise ValueError(
                 "job_id must be 1-40 characters of lowercase letters, digits and dashes "
                 f"(it may contain {DATE_PLACEHOLDER}, replaced by the run's scheduled date)"
@@ -125,6 +126,14 @@ class VideoJob(BaseModel):
         if image is not None and image.startswith(("http://", "https://")):
             spec["generate"]["image"] = urlunsplit(urlsplit(image)._replace(query="", fragment=""))
         return spec
+
+
+def check_folder_id(value: str, what: str) -> str:
+    """A resolved job id or batch id given on its own (`status JOB_ID`, `--batch-id`): one folder or file name
+    under the destination, never a path (`../x`, `other-job/manifest`) nor a name with odd characters."""
+    if not _JOB_ID_PATTERN.fullmatch(value):
+        raise PlanError(f"{what} {value!r} is not valid: 1-40 characters of lowercase letters, digits and dashes")
+    return value
 
 
 def check_capabilities(job: VideoJob) -> None:
