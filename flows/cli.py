@@ -68,11 +68,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def describe(exc: ValidationError) -> str:
     """A pydantic error as one readable line: 'generate.prompt: String should have at most 2500 characters'."""
     parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
+        # An unknown field's name is the user's text: quoted when odd, so a newline in it cannot split the line.
+        where = ".".join(str(p) if _PLAIN_NAME.fullmatch(str(p)) else repr(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
