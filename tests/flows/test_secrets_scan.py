@@ -287,7 +287,9 @@ def test_no_secret_in_the_manifests_or_object_metadata_and_no_prompt_in_a_key(sc
     assert any(key.endswith("/manifest.json") for key in scan.s3_keys) and len(scan.s3_texts) >= 5
     for key in scan.s3_keys:
         assert SAFE_S3_KEY.fullmatch(key), key
-    manifests = [json.loads(text) for where, text in scan.s3_texts if where.endswith("manifest.json")]
+    manifests = [json.loads(text) for where, text in scan.s3_texts
+                 if where.startswith("s3 object") and where.endswith("/manifest.json")]
+    assert len(manifests) == 2
     assert {m["spec"]["generate"]["image"] for m in manifests} == {
         f"https://images.example.test/inputs/kite-{n}.png" for n in (0, 1)}  # the URL without its query
     assert leaks(scan, scan.s3_texts) == []
