@@ -46,7 +46,9 @@ class GenerationSpec(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX)
-    image: str | None = Field(default=None, description="Local .jpg/.png path or http(s) URL: image2video.")
+    # min_length: an empty image was neither image2video nor text2video (its digest read the folder ".")
+    image: str | None = Field(default=None, min_length=1,
+                              description="Local .jpg/.png path or http(s) URL: image2video.")
     model_name: str = "kling-v1"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
