@@ -347,3 +347,38 @@ def test_a_certificate_that_does_not_verify_is_refused(tls_for: Any, monkeypatch
     with pytest.raises(DownloadError, match=f"TLS certificate does not verify.*{reason}") as err:
         collect(f"https://cdn.example:{server.port}/v.mp4", allow_private=True)  # the emulator switch too
     assert err.value.retryable is False and server.hosts == []
+
+
+# ---- what a failed download says ------------------------------------------------------------------------
+
+SIGNATURE, TOKEN = "c0ffee" * 10, "FwoGZXIvYXdzEscan0session0token"
+
+
+def _signed(url: str) -> str:
+    return f"{url}?X-Amz-Signature={SIGNATURE}&X-Amz-Security-Token={TOKEN}&Expires=1"
+
+
+@pytest.mark.parametrize("failure", ["404", "cut", "refused", "cap", "redirect-loop", "private", "tls"])
+def test_a_failed_download_names_the_host_never_the_signed_query(failure: str, source: Any, tls_for: Any,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs: dict[str, Any] = {"allow_private": True}
+    if failure == "404":
+        url = source.url("/missing")
+    elif failure == "cut":
+        url = source.add("/cut", b"v" * 5000, mode="cut")
+    elif failure == "refused":
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{probe.getsockname()[1]}/v"
+    elif failure == "cap":
+        url, kwargs["max_bytes"] = source.add("/big", b"v" * 5000, mode="nolength"), 100
+    elif failure == "redirect-loop":
+        url = source.add("/loop", mode="redirect", location=_signed("/loop"))
+    elif failure == "private":
+        url, kwargs["allow_private"] = source.add("/v", b"v"), False
+    else:
+        url = f"https://127.0.0.1:{tls_for('cdn.example', trusted=False).port}/v"
+    with pytest.raises(DownloadError) as err:
+        collect(_signed(url), **kwargs)
+    for text in (str(err.value), repr(err.value), "".join(map(str, err.value.args))):
+        assert SIGNATURE not in text and TOKEN not in text and "127.0.0.1" in text, text
