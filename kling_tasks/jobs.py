@@ -6,10 +6,11 @@ Everything here is pure (no HTTP, no Prefect) so a plan can be validated and pri
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -39,6 +40,16 @@ class PlanError(ValueError):
     """The plan cannot run as given. Raised before any request is sent."""
 
 
+def public_image(image: str) -> str:
+    """An image as it may be shown (manifests, reprs): a URL without its query, fragment or user info (a
+    presigned URL's signature and session token, a basic-auth password); a local path as it is."""
+    if not image.startswith(("http://", "https://")):
+        return image
+    parts = urlsplit(image)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
+
+
 class GenerationSpec(BaseModel):
     """The first step: text2video, or image2video when `image` is set."""
 
@@ -58,6 +69,10 @@ class GenerationSpec(BaseModel):
     @property
     def kind(self) -> StepKind:
         return "image2video" if self.image else "text2video"
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():  # a repr ends up in tracebacks and logs
+            yield name, public_image(value) if name == "image" and isinstance(value, str) else value
 
 
 class ExtensionSpec(BaseModel):
@@ -124,9 +139,8 @@ class VideoJob(BaseModel):
         """The spec as written to manifests and artifacts: no image bytes, no signed URL query, nothing secret."""
         spec = self.model_dump(mode="json")
         spec["job_id"] = self.effective_job_id()
-        image = self.generate.image
-        if image is not None and image.startswith(("http://", "https://")):
-            spec["generate"]["image"] = urlunsplit(urlsplit(image)._replace(query="", fragment=""))
+        if self.generate.image is not None:
+            spec["generate"]["image"] = public_image(self.generate.image)
         return spec
 
 

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from flows.cli import describe
 from kling_tasks.identity import account_fingerprint, submit_key
-from kling_tasks.jobs import PlanError, VideoJob, check_budget, check_folder_id, plan_job
+from kling_tasks.jobs import GenerationSpec, PlanError, VideoJob, check_budget, check_folder_id, plan_job
 from kling_tasks.jobs_file import MAX_REPORTED, JobsFileError, load_jobs
 from kling_tasks.kling_requests import check_requests
 from kling_tasks.manifest import final_key, manifest_key, replaced_manifest_key, step_key
@@ -271,3 +271,22 @@ def test_any_jobs_file_loads_or_is_refused_in_one_line(tmp_path: Path, document:
         one_clear_line(str(exc), [str(path)], f"{fmt} file")
     else:
         assert jobs and all(isinstance(job, VideoJob) for job in jobs)
+
+
+# ---- secrets in a signed image URL -----------------------------------------------------------------------
+
+_secret_part = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=12, max_size=24)
+
+
+@settings(max_examples=examples(50))
+@given(_secret_part, _secret_part, _secret_part)
+def test_a_signed_image_url_shows_no_signature_token_or_password(signature: str, token: str,
+                                                                password: str) -> None:
+    url = (f"https://reader:{password}@images.example/in/kite.png?X-Amz-Signature={signature}"
+           f"&X-Amz-Security-Token={token}#{token}")
+    job = VideoJob(generate=GenerationSpec(prompt="a kite", image=url), job_id="signed")
+    shown = [repr(job), str(job), repr(job.generate), json.dumps(job.public_spec())]
+    for text in shown:
+        assert signature not in text and token not in text and password not in text, text
+    assert job.public_spec()["generate"]["image"] == "https://images.example/in/kite.png"  # type: ignore[index]
+    assert job.generate.image == url  # what is sent to Kling is the URL as given
