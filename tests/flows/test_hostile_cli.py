@@ -53,12 +53,13 @@ def cli(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
 
 
-def refused(result: Any, words: list[str], defect: str) -> None:
-    """Exit 2 and one line; a value typer itself cannot parse (`--take x`) is its usage error, also exit 2."""
+def refused(result: Any, words: list[str], defect: str, after_table: bool = False) -> None:
+    """Exit 2 and one line (`estimate` prints its table first); a value typer itself cannot parse
+    (`--take x`) is its usage error, also exit 2."""
     assert result.exit_code == 2, f"{defect}: exit {result.exit_code}: {result.output!r}"
     if "Invalid value" in result.stderr or "Missing option" in result.stderr:
         return
-    line = result.stderr.strip()
+    line = result.stderr.strip().splitlines()[-1] if after_table else result.stderr.strip()
     assert line.startswith("error: "), f"{defect}: {result.stderr!r}"
     one_clear_line(line, words, defect)
 
@@ -84,10 +85,12 @@ def _expressible(broken: Broken) -> bool:
 
 @settings(max_examples=examples(12))
 @given(broken_jobs().filter(_expressible), st.sampled_from(["run", "estimate"]))
+@example(Broken({"generate": {"prompt": "a kite"}, "extensions": [], "max_credits": 0.0625}, "budget",
+                ["max_credits"]), "estimate")
 def test_run_and_estimate_refuse_a_broken_plan_in_one_line_and_send_nothing(
         emulator: Any, tmp_path: Path, broken: Broken, command: str) -> None:
     result = cli(command, *as_options(broken.job, tmp_path / f"out-{next(FOLDER)}"))
-    refused(result, broken.words, broken.defect)
+    refused(result, broken.words, broken.defect, after_table=command == "estimate" and broken.defect == "budget")
     no_request_seen(emulator)
 
 

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kling_tasks.storage import DownloadError, LocalSink, UnsafeURLError, check_download_url
 from kling_tasks.storage import download as download_module
 from kling_tasks.storage.download import fetch_to
+from tests.hostile_strategies import examples
 
 REAL_GETADDRINFO = socket.getaddrinfo
 META = {"job_id": "job1", "task_id": "t-1", "step": "0"}
@@ -133,6 +134,7 @@ _PRIVATE_NETWORKS = ["127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/
 _PRIVATE_V6 = ["::1/128", "fc00::/7", "fe80::/10", "ff00::/8"]
 
 
+@settings(max_examples=examples(100))
 @given(st.one_of(
     st.sampled_from(_PRIVATE_NETWORKS).flatmap(lambda net: st.ip_addresses(v=4, network=net)),
     st.sampled_from(_PRIVATE_V6).flatmap(lambda net: st.ip_addresses(v=6, network=net)),
