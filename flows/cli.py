@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -18,7 +19,16 @@ from rich.console import Console
 from rich.table import Table
 
 from kling_tasks.api.catalog import MAX_EXTENDED_SECONDS
-from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, check_budget, plan_job
+from kling_tasks.jobs import (
+    ExtensionSpec,
+    GenerationSpec,
+    Plan,
+    PlanError,
+    VideoJob,
+    check_budget,
+    check_folder_id,
+    plan_job,
+)
 from kling_tasks.kling_requests import check_requests
 from kling_tasks.manifest import load_manifest
 from kling_tasks.settings import KlingSettings, SettingsError, load_settings
@@ -65,11 +75,15 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def describe(exc: ValidationError) -> str:
     """A pydantic error as one readable line: 'generate.prompt: String should have at most 2500 characters'."""
     parts = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"])
+        # An unknown field's name is the user's text: quoted when odd, so a newline in it cannot split the line.
+        where = ".".join(str(p) if _PLAIN_NAME.fullmatch(str(p)) else repr(p) for p in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
@@ -102,14 +116,29 @@ def settings_or_exit() -> KlingSettings:
         fail(str(exc), 2)
 
 
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # Kling's 18 digits, older base64-like ids, proxies' ids
+
+
 def parse_adopt(pairs: list[str] | None) -> dict[str, str]:
     adopt: dict[str, str] = {}
     for pair in pairs or []:
         ext, sep, task_id = pair.partition("=")
         if not sep or not ext.strip() or not task_id.strip():
             fail(f"--adopt {pair!r}: expected EXTERNAL_ID=TASK_ID", 2)
+        if not _TASK_ID.fullmatch(task_id.strip()):  # it becomes part of a request path at the provider
+            fail(f"--adopt {pair!r}: a task id is letters, digits, '-' and '_' (at most 64)", 2)
         adopt[ext.strip()] = task_id.strip()
     return adopt
+
+
+def check_settlements(plan: Plan, adopt: dict[str, str], assume_not_created: list[str]) -> None:
+    """--adopt and --assume-not-created name steps of this plan: a typo must not leave the step unsettled."""
+    known = {step.external_task_id for step in plan.steps}
+    for option, ids in (("--adopt", list(adopt)), ("--assume-not-created", assume_not_created)):
+        unknown = [ext for ext in ids if ext not in known]
+        if unknown:
+            raise PlanError(f"{option} {', '.join(map(repr, unknown))}: not an external_task_id of this plan "
+                            f"(its steps are {', '.join(sorted(known))})")
 
 
 def execute(job: VideoJob, resubmit_failed: bool, replace: bool = False, adopt: dict[str, str] | None = None,
@@ -123,6 +152,7 @@ def execute(job: VideoJob, resubmit_failed: bool, replace: bool = False, adopt: 
 
     try:
         plan = prepare(job, settings_or_exit(), resubmit_failed=resubmit_failed, replace=replace).plan
+        check_settlements(plan, adopt or {}, assume_not_created or [])
     except PlanError as exc:
         fail(str(exc), 2)
     try:
@@ -183,9 +213,11 @@ def estimate(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Imag
 def status(job_id: Annotated[str, typer.Argument()], dest: Dest = "./kling-output") -> None:
     """Show a job's manifest: every step's status, ids, credits and where it is stored."""
     try:
-        manifest = load_manifest(open_sink(dest), job_id)
-    except DestinationError as exc:
+        manifest = load_manifest(open_sink(dest), check_folder_id(job_id, "job id"))
+    except (DestinationError, PlanError) as exc:
         fail(str(exc), 2)
+    except ValidationError as exc:  # a manifest.json that is not one
+        fail(f"the manifest of job {job_id} under {dest} cannot be read: {describe(exc)}", 2)
     if manifest is None:
         fail(f"no manifest for job {job_id!r} under {dest}")
     how = f", extensions by {manifest.continuation}" if manifest.continuation else ""
@@ -260,6 +292,8 @@ def batch(jobs_file: Annotated[Path, typer.Argument(help="YAML/JSON (jobs: + def
 
     settings = settings_or_exit()
     try:
+        if batch_id is not None:  # its manifest is `{dest}/{batch_id}.json`: never a path into a job's folder
+            check_folder_id(batch_id, "--batch-id")
         jobs = resolve_jobs(None, str(jobs_file), dest, datetime.now(UTC).date())
         estimate = check_batch(jobs, settings, max_credits, resubmit_failed)
     except PlanError as exc:

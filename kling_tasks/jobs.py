@@ -6,10 +6,11 @@ Everything here is pure (no HTTP, no Prefect) so a plan can be validated and pri
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -30,7 +31,8 @@ from kling_tasks.api.catalog import (
 )
 
 DATE_PLACEHOLDER = "{date}"
-_JOB_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+# Matched whole (fullmatch: `$` alone would let a trailing newline through into folder names and S3 keys).
+_JOB_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 StepKind = Literal["text2video", "image2video", "video-extend"]
 Continuation = Literal["auto", "extend", "last-frame"]
@@ -42,6 +44,16 @@ class PlanError(ValueError):
     """The plan cannot run as given. Raised before any request is sent."""
 
 
+def public_image(image: str) -> str:
+    """An image as it may be shown (manifests, reprs): a URL without its query, fragment or user info (a
+    presigned URL's signature and session token, a basic-auth password); a local path as it is."""
+    if not image.startswith(("http://", "https://")):
+        return image
+    parts = urlsplit(image)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
+
+
 class GenerationSpec(BaseModel):
     """The first step: text2video, or image2video when `image` is set."""
 
@@ -49,7 +61,9 @@ class GenerationSpec(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX)
-    image: str | None = Field(default=None, description="Local .jpg/.png path or http(s) URL: image2video.")
+    # min_length: an empty image was neither image2video nor text2video (its digest read the folder ".")
+    image: str | None = Field(default=None, min_length=1,
+                              description="Local .jpg/.png path or http(s) URL: image2video.")
     model_name: str = "kling-v1"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
@@ -61,6 +75,10 @@ class GenerationSpec(BaseModel):
     @property
     def kind(self) -> StepKind:
         return "image2video" if self.image else "text2video"
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():  # a repr ends up in tracebacks and logs
+            yield name, public_image(value) if name == "image" and isinstance(value, str) else value
 
 
 class ExtensionSpec(BaseModel):
@@ -99,7 +117,7 @@ class VideoJob(BaseModel):
     @field_validator("job_id")
     @classmethod
     def _job_id_shape(cls, value: str | None) -> str | None:
-        if value is not None and not _JOB_ID_PATTERN.match(value.replace(DATE_PLACEHOLDER, "20260101")):
+        if value is not None and not _JOB_ID_PATTERN.fullmatch(value.replace(DATE_PLACEHOLDER, "20260101")):
             raise ValueError(
                 "job_id must be 1-40 characters of lowercase letters, digits and dashes "
                 f"(it may contain {DATE_PLACEHOLDER}, replaced by the run's scheduled date)"
@@ -147,10 +165,17 @@ class VideoJob(BaseModel):
         """The spec as written to manifests and artifacts: no image bytes, no signed URL query, nothing secret."""
         spec = self.model_dump(mode="json")
         spec["job_id"] = self.effective_job_id()
-        image = self.generate.image
-        if image is not None and image.startswith(("http://", "https://")):
-            spec["generate"]["image"] = urlunsplit(urlsplit(image)._replace(query="", fragment=""))
+        if self.generate.image is not None:
+            spec["generate"]["image"] = public_image(self.generate.image)
         return spec
+
+
+def check_folder_id(value: str, what: str) -> str:
+    """A resolved job id or batch id given on its own (`status JOB_ID`, `--batch-id`): one folder or file name
+    under the destination, never a path (`../x`, `other-job/manifest`) nor a name with odd characters."""
+    if not _JOB_ID_PATTERN.fullmatch(value):
+        raise PlanError(f"{what} {value!r} is not valid: 1-40 characters of lowercase letters, digits and dashes")
+    return value
 
 
 def check_capabilities(job: VideoJob) -> None:

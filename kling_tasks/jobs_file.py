@@ -313,7 +313,10 @@ def load_jobs(path: str | Path, *, dest: str | None = None, day: date | None = N
         raise JobsFileError(f"{name}: cannot read the jobs file: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise JobsFileError(f"{name}: cannot read the jobs file: not UTF-8 text (byte {exc.start})") from None
-    entries = parser(text, name)
+    try:
+        entries = parser(text, name)
+    except RecursionError:  # `[[[[...` thousands deep: the parsers recurse once per level
+        raise JobsFileError(f"{name}: nested too deeply to be a jobs file") from None
     if not entries:
         raise JobsFileError(f"{name}: the file has no jobs")
     problems: list[str] = []
