@@ -28,9 +28,10 @@ from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import step_key
 from kling_tasks.settings import KlingSettings, load_settings
 from kling_tasks.step_results import Rendered, Submission
-from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
+from kling_tasks.storage import DownloadError, Sink, StorageError, StoredObject, open_sink
 
 BACKPRESSURE_MAX_DELAY = 30.0
+EXPIRED_LINK = {401, 403, 410}  # what a signed result URL answers once it has lapsed
 
 
 def submit_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -189,15 +190,25 @@ async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: st
 
 async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id: str, key: str, job_id: str,
                     step: PlannedStep) -> StoredObject:
-    # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
-    async with KlingClient(settings) as client:
-        snap = await client.get(kind, task_id)
-    if snap.video is None:
-        raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
     metadata = {"job_id": job_id, "task_id": task_id, "step": str(step.index),
                 "external_task_id": step.external_task_id}
-    return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
-                                   allow_private=settings.allow_private_urls)
+    for fresh_urls in range(2):
+        # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
+        async with KlingClient(settings) as client:
+            snap = await client.get(kind, task_id)
+        if snap.video is None:
+            raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
+        try:
+            return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
+                                           allow_private=settings.allow_private_urls)
+        except DownloadError as exc:
+            # A signed URL refused as expired (403/410) may have lapsed since Kling handed it out: a fresh one,
+            # once. The store task's retries would not help: they only retry what they call transient.
+            if exc.status not in EXPIRED_LINK or fresh_urls:
+                raise
+            get_run_logger().warning("the result URL of task %s was refused (%s); asking Kling for a fresh one",
+                                     task_id, exc)
+    raise AssertionError("unreachable")
 
 
 async def store_proven(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
