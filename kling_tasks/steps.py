@@ -12,9 +12,12 @@ Prefect (a cut download, an S3 5xx); everything else fails the step with Kling's
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import task
 from prefect.context import TaskRunContext
@@ -22,7 +25,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from kling_tasks import identity, recorder
-from kling_tasks.api import BackPressureError, KlingClient, TaskKind, TaskSnapshot
+from kling_tasks.api import BackPressureError, KlingClient, KlingError, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import step_key
@@ -63,6 +66,28 @@ async def retry_if_storage_transient(task: Any, task_run: Any, state: Any) -> bo
     return False
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def names_its_step(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """A Kling error leaving this step's task names the step (`extend-1-of-2: ... (code=1102, ...)`), so the run's
+    one-line stop says where it stopped and not only which external id. Prefect sees the wrapped signature."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except KlingError as exc:
+            step = signature.bind(*args, **kwargs).arguments.get("step")
+            if exc.step is None and isinstance(step, PlannedStep):
+                exc.step = step.name
+            raise
+
+    return wrapper
+
+
 _PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
 
 
@@ -71,6 +96,7 @@ def _ledger(job_id: str) -> recorder.JobRecorder | None:
 
 
 @task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED)
+@names_its_step
 async def submit_step(
     job_id: str, step: PlannedStep, generation: GenerationSpec, parent: Rendered | None, account: str, *,
     may_exist: bool = False, adopt_task_id: str | None = None, assume_not_created: bool = False,
@@ -117,6 +143,7 @@ async def submit_step(
 
 
 @task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
+@names_its_step
 async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str) -> Rendered:
     """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result."""
     logger = get_run_logger()
@@ -169,6 +196,7 @@ def is_this_tasks(obj: StoredObject | None, task_id: str, proven_sha256: str | N
 @task(name="store", task_run_name="store-{step.label}", cache_key_fn=store_cache_key, **_PERSISTED,
       retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=retry_if_storage_transient)
+@names_its_step
 async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
                      proven_sha256: str | None = None) -> StoredObject:
     """Stream the step's video into the sink, unless this very task's video is already there."""
