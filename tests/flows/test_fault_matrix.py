@@ -47,6 +47,7 @@ from tests.flows.matrix_support import (
     job_tasks,
     new_job_id,
     pick,
+    record,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server")]
@@ -300,9 +301,17 @@ async def test_fault_matrix(case: Case, case_env: Any, tmp_path: Path) -> None:
     assert duplicates(stats, job.namespace()) == {}, f"{where}: an external id with two tasks"
     assert all(len(tasks) <= 1 for tasks in job_tasks(stats, set(ids)).values()), where
 
+    def done(outcome: str, stop: str | None = None) -> None:
+        stats = emulator.stats()
+        record("fault", case=case.id, fault=fault.name, stage=stage, provider=case.provider, sink=case.sink,
+               outcome=outcome, fired=fired, stop=stop, duplicates=len(duplicates(stats, job.namespace())),
+               posts=sum(n for ext, n in stats["create_attempts"].items() if ext.startswith(job.namespace())),
+               tasks=sum(n for ext, n in stats["tasks_created"].items() if ext.startswith(job.namespace())))
+
     if not fault.fatal:
         assert error is None, f"{where}: a transient fault stopped the job: {error!r}"
         assert_finished_whole(emulator, dest, job_id, ids, served)
+        done("completed")
         return
 
     assert error is not None, f"{where}: a fatal fault did not stop the job"
@@ -328,6 +337,7 @@ async def test_fault_matrix(case: Case, case_env: Any, tmp_path: Path) -> None:
     assert duplicates(stats, job.namespace()) == {}, f"{where}: the rerun paid twice"
     manifest = manifest_of_rerun(emulator, dest, job_id, served)
     assert_finished_whole(emulator, dest, job_id, [s["external_task_id"] for s in manifest["steps"]], served)
+    done("stopped, rerun completed", message[:160])
 
 
 def manifest_of_rerun(emulator: Any, dest: str, job_id: str, served: Served) -> dict[str, Any]:
