@@ -59,6 +59,7 @@ PROVIDERS: tuple[Provider, ...] = ("kling", "cometapi")
 TARGET = "video-extend"  # the faults hit the first extension (the CometAPI extend body is its own)
 READ_TIMEOUT = 1.0  # KLING_READ_TIMEOUT of the slow-answer cases; the slow answer takes longer
 RUNNING = ["submitted", "processing"]
+PRESENT = ["submitted", "processing", "succeed", "failed"]
 LOOKUPS_OFF = {"lookup_query": "empty", "lookup_path": "off"}
 
 
@@ -80,7 +81,11 @@ def on_reads(stage: Stage, *faults: dict[str, Any]) -> list[dict[str, Any]]:
     if stage == "submit":  # the query-form lookup and the list scan are both list requests
         return nth(0, *({"match": f"list:{TARGET}", **f} for f in faults))
     if stage == "wait":
-        return nth(0, *({"match": f"get:{TARGET}", "task_status": RUNNING, **f} for f in faults))
+        # The burst starts on a poll of the running task; the client's retries (1 s, 2 s, ... apart) may reach
+        # it finished, and still belong to the burst: any read of a task that exists, after the first.
+        first, *rest = faults
+        return nth(0, {"match": f"get:{TARGET}", "task_status": RUNNING, **first},
+                   *({"match": f"get:{TARGET}", "task_status": PRESENT, **f} for f in rest))
     return nth(1, *({"match": f"get:{TARGET}", "task_status": ["succeed"], **f} for f in faults))
 
 
@@ -344,3 +349,21 @@ def manifest_of_rerun(emulator: Any, dest: str, job_id: str, served: Served) -> 
     manifest = assert_consistent(emulator, dest, job_id, served)
     assert manifest is not None
     return manifest
+
+
+def test_a_fatal_stop_is_one_line_of_the_cli_naming_the_step_and_the_code(case_env: Any, tmp_path: Path) -> None:
+    """What the user sees: `kling-pipeline run` stopped by a 1102 while polling the first extension."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    emulator = case_env("kling", {})
+    emulator.set_faults({"rules": on_reads("wait", http_error(1102))})
+    job_id = new_job_id("fm-cli")
+    result = CliRunner().invoke(app, ["run", "--prompt", "a heron wading at dawn", "--extend", "the heron takes off",
+                                      "--dest", str(tmp_path / "out"), "--job-id", job_id])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert errors[0].startswith("error: extend-1-of-1: ") and "code=1102" in errors[0], errors[0]
+    assert errors[0] == result.output.strip().splitlines()[-1], "the stop is the last line"
