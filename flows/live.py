@@ -45,6 +45,10 @@ class _LiveTable:
         self._unsubscribe()
         self.live.update(self._render())
         self.live.__exit__(exc_type, exc, tb)
+        if not self.live.console.is_terminal:
+            # rich ends the table's last line only on a terminal: in a log or a pipe, the next line (the run's
+            # one-line error) would otherwise be glued to the table's bottom border.
+            self.live.console.line()
 
 
 class LiveProgress(_LiveTable):

@@ -66,8 +66,8 @@ class Emulator:
         self.engine.reset()
         self.behaviour = self.default_behaviour
 
-    def pick(self, event: str) -> Rule | None:
-        rule = self.faults.pick(event)
+    def pick(self, event: str, task_status: str | None = None) -> Rule | None:
+        rule = self.faults.pick(event, task_status)
         if rule is not None:
             self.engine.count("faults_fired", rule.kind)
         return rule
@@ -164,10 +164,12 @@ class Emulator:
     # --- queries ---------------------------------------------------------------------------------------------
     async def get_one(self, kind: str, ident: str, request: Request) -> Response:
         self.count(f"GET {self.prefix}/v1/videos/{kind}/{{id}}")
-        early = await self.apply(self.pick(f"get:{kind}"))
+        by_external = self.behaviour.lookup_path == "on"
+        task = self.engine.find(kind, ident, by_external) if kind in catalog.KINDS else None
+        early = await self.apply(self.pick(f"get:{kind}", task.status if task is not None else "absent"))
         if early is not None:
             return early
-        return self._one(kind, ident, request, by_external=self.behaviour.lookup_path == "on")
+        return self._one(kind, ident, request, by_external=by_external)
 
     def _one(self, kind: str, ident: str, request: Request, by_external: bool = True) -> Response:
         try:

@@ -8,6 +8,8 @@ Profile (YAML or JSON, from --faults FILE or POST /_emulator/faults):
         probability: 0.5               # or: sequence: [true, false, true]   or: times: 2   (none: always)
         params: {}                     # seconds (slow), code/status/message (http_error), message (task_fail),
                                        # after_bytes/seconds (slow_stream)
+        task_status: [processing]      # get rules only: fire only on reads of a task in one of these statuses
+                                       # (absent | submitted | processing | succeed | failed)
     behaviour:                         # optional: weak-provider switches (see behaviour.py)
       lookup_query: ignored
 
@@ -53,6 +55,9 @@ APPLIES_TO = {
     "list": {"http_error", "drop_before", "slow"},
     "download": {"download_cut", "url_expired", "slow", "drop_before", "slow_stream"},
 }
+# What a `task_status` condition may name: the emulator's own words, and `absent` for an id no task carries
+# (a lookup before the create). It singles out a stage of a client's job: lookups, polling, the last reads.
+TASK_STATUSES = ("absent", "submitted", "processing", "succeed", "failed")
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Rule:
     sequence: list[bool] | None = None
     times: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    task_status: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,6 +90,12 @@ class Rule:
                 raise ValueError("slow_stream params.after_bytes must be a whole number of bytes >= 0")
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
                 raise ValueError("slow_stream params.seconds must be a number >= 0")
+        if self.task_status is not None:
+            if not self.match.startswith("get:"):
+                raise ValueError("task_status applies to get:KIND rules only")
+            if (not isinstance(self.task_status, list) or not self.task_status
+                    or any(s not in TASK_STATUSES for s in self.task_status)):
+                raise ValueError(f"task_status must be a non-empty list of {', '.join(TASK_STATUSES)}")
         self.sequence = None if self.sequence is None else [bool(x) for x in self.sequence]
 
     def matches(self, event: str) -> bool:
@@ -91,6 +103,10 @@ class Rule:
             return True
         prefix, _, rest = self.match.partition(":")
         return rest == "*" and event.startswith(prefix + ":")
+
+    def concerns(self, task_status: str | None) -> bool:
+        """Does the rule's `task_status` condition (if any) hold for a read of a task in this status?"""
+        return self.task_status is None or task_status in self.task_status
 
     def fires(self) -> bool:
         if self.sequence is not None:
@@ -138,12 +154,13 @@ class Faults:
         with self._lock:
             self.rules = rules
 
-    def pick(self, event: str) -> Rule | None:
-        """The first rule for this event (e.g. "create:text2video", "download") that fires now."""
+    def pick(self, event: str, task_status: str | None = None) -> Rule | None:
+        """The first rule for this event (e.g. "create:text2video", "download") that fires now; `task_status`
+        is the status of the task a get reads ("absent" if none), checked before a rule's trigger is spent."""
         applicable = APPLIES_TO[event.partition(":")[0]]
         with self._lock:
             for rule in self.rules:
-                if rule.kind in applicable and rule.matches(event) and rule.fires():
+                if rule.kind in applicable and rule.matches(event) and rule.concerns(task_status) and rule.fires():
                     return rule
         return None
 

@@ -136,6 +136,15 @@ class JobRecorder:
                  tb: TracebackType | None) -> None:
         if _ACTIVE.get(self.plan.job_id) is self:
             del _ACTIVE[self.plan.job_id]
+        if exc is not None and self.manifest.status == "running":
+            # A run that stopped on an error (1102, an ambiguous create, a broken destination) says so; each step
+            # keeps its own status, which is what a rerun resumes from.
+            try:
+                with self._lock:
+                    self.manifest.status = "failed"
+                self.save()
+            except Exception as error:  # the destination itself may be what broke: keep the run's own error
+                _log().warning("could not record the stop in the manifest: %s", error)
 
     def _set_aside(self, replaced: Manifest) -> None:
         """--replace: keep the other job's manifest next to the new one, byte for byte."""

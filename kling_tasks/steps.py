@@ -12,10 +12,13 @@ Prefect (a cut download, an S3 5xx); everything else fails the step with Kling's
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import task
 from prefect.context import TaskRunContext
@@ -23,15 +26,16 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from kling_tasks import identity, recorder
-from kling_tasks.api import BackPressureError, KlingClient, TaskKind, TaskSnapshot
+from kling_tasks.api import BackPressureError, KlingClient, KlingError, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import clip_key, step_key
 from kling_tasks.settings import KlingSettings, load_settings
 from kling_tasks.step_results import Rendered, StartImage, Submission
-from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
+from kling_tasks.storage import DownloadError, Sink, StorageError, StoredObject, open_sink
 
 BACKPRESSURE_MAX_DELAY = 30.0
+EXPIRED_LINK = {401, 403, 410}  # what a signed result URL answers once it has lapsed
 
 
 def submit_cache_key(_: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -68,6 +72,28 @@ async def retry_if_storage_transient(task: Any, task_run: Any, state: Any) -> bo
     return False
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def names_its_step(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """A Kling error leaving this step's task names the step (`extend-1-of-2: ... (code=1102, ...)`), so the run's
+    one-line stop says where it stopped and not only which external id. Prefect sees the wrapped signature."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except KlingError as exc:
+            step = signature.bind(*args, **kwargs).arguments.get("step")
+            if exc.step is None and isinstance(step, PlannedStep):
+                exc.step = step.name
+            raise
+
+    return wrapper
+
+
 _PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
 
 
@@ -76,6 +102,7 @@ def _ledger(job_id: str) -> recorder.JobRecorder | None:
 
 
 @task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED)
+@names_its_step
 async def submit_step(
     job_id: str, step: PlannedStep, generation: GenerationSpec, parent: Rendered | None, account: str, *,
     may_exist: bool = False, adopt_task_id: str | None = None, assume_not_created: bool = False,
@@ -134,6 +161,7 @@ def read_start_image(image: StartImage) -> bytes:
 
 
 @task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
+@names_its_step
 async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str) -> Rendered:
     """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result."""
     logger = get_run_logger()
@@ -186,6 +214,7 @@ def is_this_tasks(obj: StoredObject | None, task_id: str, proven_sha256: str | N
 @task(name="store", task_run_name="store-{step.label}", cache_key_fn=store_cache_key, **_PERSISTED,
       retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=retry_if_storage_transient)
+@names_its_step
 async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,
                      proven_sha256: str | None = None, clip: bool = False) -> StoredObject:
     """Stream the step's video into the sink, unless this very task's video is already there."""
@@ -207,15 +236,25 @@ async def store_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: st
 
 async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id: str, key: str, job_id: str,
                     step: PlannedStep) -> StoredObject:
-    # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
-    async with KlingClient(settings) as client:
-        snap = await client.get(kind, task_id)
-    if snap.video is None:
-        raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
     metadata = {"job_id": job_id, "task_id": task_id, "step": str(step.index),
                 "external_task_id": step.external_task_id}
-    return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
-                                   allow_private=settings.allow_private_urls)
+    for fresh_urls in range(2):
+        # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
+        async with KlingClient(settings) as client:
+            snap = await client.get(kind, task_id)
+        if snap.video is None:
+            raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
+        try:
+            return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
+                                           allow_private=settings.allow_private_urls)
+        except DownloadError as exc:
+            # A signed URL refused as expired (403/410) may have lapsed since Kling handed it out: a fresh one,
+            # once. The store task's retries would not help: they only retry what they call transient.
+            if exc.status not in EXPIRED_LINK or fresh_urls:
+                raise
+            get_run_logger().warning("the result URL of task %s was refused (%s); asking Kling for a fresh one",
+                                     task_id, exc)
+    raise AssertionError("unreachable")
 
 
 async def store_proven(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, dest: str, account: str,

@@ -71,9 +71,14 @@ class KlingError(Exception):
         ]
         return parts
 
+    # The pipeline step the error stopped (e.g. "extend-1-of-2"), set by the layer that knows it: a stop is then
+    # one line naming the step as well as Kling's code. The client layer itself knows no steps.
+    step: str | None = None
+
     def __str__(self) -> str:
         details = self._details()
-        return f"{self.message} ({', '.join(details)})" if details else self.message
+        text = f"{self.message} ({', '.join(details)})" if details else self.message
+        return f"{self.step}: {text}" if self.step else text
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self)!r})"

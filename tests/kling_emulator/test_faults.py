@@ -167,6 +167,34 @@ def test_sequence_and_times(kling: Any) -> None:
     assert answers[0].json()["message"] == "parallel task over resource pack limit", "Kling's own text by default"
 
 
+def test_task_status_singles_out_reads_of_a_task_in_that_status(kling: Any, tools: Any) -> None:
+    """A get rule with `task_status` fires only on reads of a task in one of those statuses (`absent`: no
+    task carries the id), and a read it does not concern spends none of its trigger."""
+    rules(kling, {"match": "get:text2video", "kind": "http_error", "times": 1, "task_status": ["succeed"],
+                  "params": {"code": 5001}},
+          {"match": "get:text2video", "kind": "http_error", "times": 1, "task_status": ["absent"],
+           "params": {"code": 5000}})
+    assert code_of(kling.get("/v1/videos/text2video/no-such-external-id")) == (500, 5000)
+    assert kling.get("/v1/videos/text2video/no-such-external-id").status_code == 404, "times: 1"
+    created = kling.create(external_task_id="staged")
+    path = f"/v1/videos/text2video/{created['task_id']}"
+    assert kling.get(path).status_code == 200, "a running task is not concerned"
+    tools.until(lambda: kling.stats()["tasks"][created["task_id"]]["status"] == "succeed", what="the task succeeded")
+    assert code_of(kling.get(path)) == (503, 5001), "the first read of the succeeded task"
+    assert kling.get(path).status_code == 200
+    assert kling.stats()["faults_fired"] == {"http_error": 2}
+
+
+@pytest.mark.parametrize("bad", [
+    {"match": "create:*", "kind": "slow", "task_status": ["succeed"]},  # a create reads no task
+    {"match": "get:*", "kind": "slow", "task_status": ["done"]},
+    {"match": "get:*", "kind": "slow", "task_status": []},
+    {"match": "get:*", "kind": "slow", "task_status": "succeed"},
+])
+def test_bad_task_status_conditions_are_refused(kling: Any, bad: dict[str, Any]) -> None:
+    assert kling.http.post("/_emulator/faults", json={"rules": [bad]}).status_code == 400
+
+
 def test_rules_apply_in_order_and_are_cleared(kling: Any) -> None:
     rules(kling, {"match": "create:text2video", "kind": "http_error", "times": 1, "params": {"code": 1302}},
           {"match": "create:*", "kind": "pack_exhausted", "times": 1})

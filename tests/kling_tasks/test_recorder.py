@@ -199,3 +199,21 @@ def test_a_rerun_of_a_finished_job_reuses_its_contact_sheet(tmp_path: Path) -> N
     again.finish()
     assert observer.calls[-1] == ("finished", "succeeded", ("kite/final.mp4", sheet))
     assert (tmp_path / "kite" / "contact-sheet.jpg").read_bytes() == b"the sheet of this final.mp4"
+
+
+def test_a_run_that_stops_on_an_error_is_recorded_failed_and_its_steps_keep_their_status(tmp_path: Path) -> None:
+    recorder, _, plan = make(tmp_path, None)
+    with pytest.raises(RuntimeError, match="pack used up"), recorder:
+        recorder.submitted(plan.steps[0], submission(0))
+        raise RuntimeError("resource pack used up")
+    manifest = json.loads((tmp_path / "kite" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [step["status"] for step in manifest["steps"]] == ["submitted", "pending"], "a rerun resumes from these"
+    assert active("kite") is None
+
+
+def test_a_run_that_ends_normally_is_not_marked_failed(tmp_path: Path) -> None:
+    recorder, _, _ = make(tmp_path, None)
+    with recorder:
+        pass
+    assert json.loads((tmp_path / "kite" / "manifest.json").read_text())["status"] == "running"

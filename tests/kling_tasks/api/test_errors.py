@@ -135,3 +135,14 @@ def test_task_failed_and_timeout_carry_snapshot() -> None:
     assert "content moderation" in str(err) and "task_id=9" in str(err) and "external_task_id=e-1" in str(err)
     timeout = WaitTimeoutError("late", snapshot=snap)
     assert timeout.snapshot is snap and "task_id=9" in str(timeout)
+
+
+def test_an_error_names_the_step_it_stopped_once_told() -> None:
+    err = AccountError("resource pack used up or expired", code=1102, http_status=429)
+    assert str(err).startswith("resource pack"), "the client layer knows no steps"
+    err.step = "extend-1-of-2"
+    assert str(err) == "extend-1-of-2: resource pack used up or expired (code=1102, http_status=429)"
+    assert "extend-1-of-2" in repr(err)
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(err))) == str(err), "Prefect may persist the exception"

@@ -1,0 +1,59 @@
+"""The figures of docs/reliability.md from a matrix run's $KLING_MATRIX_REPORT (JSON lines).
+
+    KLING_MATRIX=full KLING_MATRIX_REPORT=/tmp/matrix.jsonl .venv/bin/pytest -n 0 \\
+        tests/flows/test_fault_matrix.py tests/flows/test_kill_matrix.py
+    .venv/bin/python tests/flows/matrix_report.py /tmp/matrix.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    faults = [r for r in records if r["matrix"] == "fault"]
+    jobs = [r for r in records if r["matrix"] == "kill-job"]
+    batches = [r for r in records if r["matrix"] == "kill-batch"]
+    clean = {r["what"]: r["seconds"] for r in records if r["matrix"] == "kill-clean"}
+    outcomes = Counter(r["outcome"] for r in faults)
+    rows = [
+        ("seed", ", ".join(sorted({str(r["seed"]) for r in records}))),
+        ("fault cases (kind x stage x provider) passed",
+         f"{len(faults)}: {len({r['fault'] for r in faults})} kinds, {len({(r['fault'], r['stage']) for r in faults})}"
+         f" kind x stage cells, {len({r['provider'] for r in faults})} providers, sinks "
+         f"{dict(Counter(r['sink'] for r in faults))}"),
+        ("fault outcomes", ", ".join(f"{n} {what}" for what, n in sorted(outcomes.items()))),
+        ("faults fired", str(sum(r["fired"] for r in faults))),
+        ("create POSTs / tasks (fault cases)",
+         f"{sum(r['posts'] for r in faults)} / {sum(r['tasks'] for r in faults)}"),
+        ("clean run (s): 1 + 3 job, batch", f"{clean.get('job', '-')}, {clean.get('batch', '-')}"),
+        ("kills of the 1 + 3 job (landed / drawn)", f"{sum(r['killed'] for r in jobs)} / {len(jobs)}"),
+        ("kills of the batch (landed / drawn)", f"{sum(r['killed'] for r in batches)} / {len(batches)}"),
+        ("generated kill moments (u in [0, 1))",
+         f"{len(jobs) + len(batches)}: min {min((r['u'] for r in jobs + batches), default=0):.3f}, "
+         f"max {max((r['u'] for r in jobs + batches), default=0):.3f}"),
+        ("reruns needed after a kill", dict_text(Counter(r["reruns"] for r in jobs + batches))),
+        ("duplicate tasks (an external id with two tasks)",
+         str(sum(r["duplicates"] for r in faults + jobs + batches))),
+        ("lost results (a case not finished whole)", "0 (every recorded case passed its checks)"),
+    ]
+    return rows
+
+
+def dict_text(counter: Counter[Any]) -> str:
+    return ", ".join(f"{n} x {key}" for key, n in sorted(counter.items())) or "-"
+
+
+def main(path: str) -> None:
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    print("| figure | value |\n|---|---|")
+    for name, value in figures(records):
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
