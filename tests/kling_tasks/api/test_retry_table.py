@@ -148,16 +148,19 @@ POST_ROWS = [
     PostRow("drop after send, task made: adopted", post(exc, httpx.ReadTimeout, after=True), 1, PRE + 1, "lookup"),
     # Lost, nothing made, and no known task to prove a form with: stop (query, path, list; no control found).
     PostRow("drop after send, unproven: stop", post(exc, httpx.ReadTimeout), 1, PRE + 3, AmbiguousSubmitError),
-    # Same, but a listed task proves the query form (query, path, list, control): resent once.
-    PostRow("drop after send, proven: resent", post(exc, httpx.ReadTimeout), 2, PRE + 4, "created", control=True),
+    # Same, but a listed task proves the query form (query, path, list, control), and a second search after the
+    # server has had the read timeout again (query, path, list) still finds nothing: resent once.
+    PostRow("drop after send, proven: resent", post(exc, httpx.ReadTimeout), 2, PRE + 4 + 3, "created",
+            control=True),
     PostRow("5000, unproven: stop", post(code, 5000, 500), 1, PRE + 3, AmbiguousSubmitError),
     PostRow("5000 after creating: adopted", post(code, 5000, 500, after=True), 1, PRE + 1, "lookup"),
-    # Proven each round: query, path, list (+ control once); the last round skips the scan (proof cached).
+    # Proven each round: query, path, list (+ control once), and again after the settle wait in every round that
+    # may resend; the last round (the budget spent) looks once and skips the scan (proof cached).
     PostRow(
         "5000 always, proven: bounded",
         post(code, 5000, 500, times=99),
         MAX_POSTS,
-        PRE + 4 + 3 + 2,
+        PRE + (4 + 3) + (3 + 3) + 2,
         ServerError,
         control=True,
     ),
