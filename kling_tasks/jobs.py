@@ -230,7 +230,10 @@ def check_extend_chain(job: VideoJob) -> None:
 
 def check_image_file(image: str) -> None:
     """A local image must be a readable .jpg/.jpeg/.png of at most 10 MB (Kling's limit on what is sent)."""
-    path = Path(image).expanduser()
+    try:
+        path = Path(image).expanduser()
+    except RuntimeError:  # `~name/...` of a user that does not exist: was a traceback
+        raise PlanError(f"image file {image!r} cannot be found: no home directory for its '~'") from None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise PlanError(f"image {image!r} must be a .jpg, .jpeg or .png file or an http(s) URL")
     try:

@@ -87,6 +87,7 @@ def refusal(job_data: dict[str, Any]) -> str | None:
 @settings(max_examples=examples(300))
 @given(broken_jobs())
 @example(Broken({"generate": {"prompt": "a kite", "image": ""}}, "image-empty", ["image"]))  # was a traceback
+@example(Broken({"generate": {"prompt": "a kite", "image": "~nobody-here/x.gif"}}, "image-suffix", ["image"]))
 def test_a_plan_with_a_defect_is_refused_in_one_line_naming_it(broken: Broken) -> None:
     message = refusal(broken.job)
     assert message is not None, f"{broken.defect} was accepted: {broken.job}"
