@@ -21,7 +21,7 @@ from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from kling_tasks import identity, recorder
+from kling_tasks import identity, recorder, task_lengths
 from kling_tasks.api import BackPressureError, KlingClient, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
@@ -115,11 +115,25 @@ async def submit_step(
                       request_id=snap.request_id, status=snap.task_status)
 
 
+def step_length_key(step: PlannedStep, generation: GenerationSpec) -> str:
+    """The learned-length key of a step's Kling task (kling_tasks.task_lengths): an extension adds a fixed
+    ~4.5 s whatever the generation's duration, so its key names no duration."""
+    duration = "extend" if step.kind == "video-extend" else generation.duration
+    return task_lengths.length_key(step.kind, generation.model_name, generation.mode, duration)
+
+
 @task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
-async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str) -> Rendered:
-    """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result."""
+async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str,
+                    length_key: str | None = None) -> Rendered:
+    """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result.
+
+    `length_key`: poll by what this account's earlier tasks of that key took (kling_tasks.task_lengths), and
+    add this one's lengths to them; None polls adaptively and learns nothing.
+    """
     logger = get_run_logger()
     ledger = _ledger(job_id)
+    book = task_lengths.book_for(account) if length_key is not None else None
+    expected = await book.expected(length_key) if book is not None and length_key is not None else None
     processing_since: list[int] = []
 
     async def on_update(snap: TaskSnapshot) -> None:
@@ -133,8 +147,10 @@ async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str
             await asyncio.to_thread(ledger.status, step, snap.task_status)
 
     async with KlingClient(load_settings()) as client:
-        final = await client.wait(kind, task_id, on_update=on_update)
+        final = await client.wait(kind, task_id, on_update=on_update, expected=expected)
     rendered = summarize(kind, final, processing_since[0] if processing_since else None)
+    if book is not None and length_key is not None and processing_since:  # both phases seen: a clean sample
+        book.record(length_key, rendered.queued_seconds, rendered.processing_seconds)
     logger.info(
         "Kling task %s succeeded: video %s, %.3f s, %s credits, queued %.1f s, processing %.1f s",
         task_id, rendered.video_id, rendered.duration, rendered.credits, rendered.queued_seconds,
