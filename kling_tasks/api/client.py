@@ -101,6 +101,7 @@ class KlingClient:
             max_interval=settings.poll_max_seconds,
             processing_timeout=settings.wait_timeout_seconds,
             queue_timeout=settings.queue_timeout_seconds,
+            dense_min_interval=0.4 * settings.poll_min_seconds,  # the learned schedule's floor: 2 s by default
         )
         self._prefix = ("/kling" if settings.provider == "cometapi" else "") + "/v1/videos"
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
