@@ -12,7 +12,7 @@ A warm-up batch first teaches the account's task lengths (the learned poll sched
 client. Polls per task come from the emulator's counts.
 
     .venv/bin/python bench/overhead.py                 # N = 50, 200, 500 on PostgreSQL when available
-    .venv/bin/python bench/overhead.py --quick         # N = 4, 8 on SQLite
+    .venv/bin/python bench/overhead.py --quick         # N = 4 on SQLite
 """
 
 from __future__ import annotations
@@ -94,10 +94,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="S: 1 generation + S-1 extensions (default 2)")
     parser.add_argument("--task-seconds", type=float, default=10.0, help="Kling seconds per task, scaled (default 10)")
     parser.add_argument("--sqlite", action="store_true", help="the Prefect server on SQLite, not PostgreSQL")
-    parser.add_argument("--quick", action="store_true", help="N = 4, 8; 2 s tasks; SQLite")
+    parser.add_argument("--warm-up", type=int, default=3, help="jobs of the warm-up batch (default 3)")
+    parser.add_argument("--quick", action="store_true", help="N = 4; 2 s tasks; 2 warm-up jobs; SQLite")
     args = parser.parse_args()
     if args.quick:
-        args.jobs, args.task_seconds, args.sqlite = "4,8", 2.0, True
+        args.jobs, args.task_seconds, args.sqlite, args.warm_up = "4", 2.0, True, 2
     sizes = [int(x) for x in args.jobs.split(",") if x.strip()]
     scale = args.task_seconds / EXTEND_LATENCY
     results: dict[str, Any] = {"time_scale": scale, "task_seconds": args.task_seconds, "steps": args.steps}
@@ -108,15 +109,15 @@ def main() -> None:
         home.mkdir()
         db = None if args.sqlite or os.environ.get(common.SHARED_API) else stack.enter_context(common.postgres())
         api, took = stack.enter_context(common.prefect_server(home, db))
-        results["prefect_database"] = "postgresql" if db else "sqlite"
+        results["prefect_database"] = os.environ.get("BENCH_PREFECT_DATABASE") or ("postgresql" if db else "sqlite")
         results["prefect_server_start_s"] = round(took, 1)
         emu = stack.enter_context(common.emulator(tmp, time_scale=scale, concurrency=max(sizes) + 10))
         os.environ.update({"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
                            "false", "PREFECT_LOGGING_LEVEL": "WARNING", "KLING_MAX_CONCURRENCY": str(max(sizes) + 10),
                            **common.kling_env(emu.base_url, scale)})
         dest = str(tmp / "out")
-        print(f"warm-up: 3 jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
-        results["warm_up"] = measure(3, args.steps, dest, emu, f"{tag}w")
+        print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
+        results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w")
         results["runs"] = []
         for n in sizes:
             print(f"{n} concurrent jobs x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
@@ -126,6 +127,7 @@ def main() -> None:
             print(f"  {row['succeeded']}/{n} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s, "
                   f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
                   f"polls/task {row['polls_per_task'].get('mean')}, batch {row['batch_wall_s']} s", flush=True)
+            common.write_result("overhead-quick" if args.quick else "overhead", results)  # each N as it ends
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=10)

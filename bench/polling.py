@@ -4,9 +4,9 @@ policy and the fixed intervals peer clients use (5 s, 10 s, and the seed's 15 s)
 Measured: one Kling emulator per task length (child processes, all at once), each with its latency scaled so its
 text2video tasks take about --wall-seconds (compress = wall / length); every poll interval is compressed by the
 same factor, so results are in Kling seconds. One wall length for all keeps the machine's own latency (a loaded
-event loop, the emulator's 20 ms ticker) the same small share of every task. Per length, --warm-up tasks polled adaptively teach a
-TaskLengthBook (kling_tasks.task_lengths, on an in-memory store) what this account's tasks take, then every
-policy waits on --tasks tasks at once. Per task:
+event loop, the emulator's 20 ms ticker) the same small share of every task. Per length, --warm-up tasks polled
+adaptively teach a TaskLengthBook (kling_tasks.task_lengths, on an in-memory store) what this account's tasks
+take, then every policy waits on --tasks tasks at once. Per task:
   polls   successful GETs of the task counted by the emulator (cross-checked with the client's own count);
   delay   client clock at the terminal snapshot - the emulator's `updated_at` of `succeed`, / compress.
 Model: the same policy code (kling_tasks.api.polling.wait_for_task) on a simulated clock, --sim-trials tasks
@@ -71,38 +71,44 @@ class Sample:
     processing_s: float = 0.0
 
 
-async def one_task(settings: KlingSettings, sample: Sample, policy: PollPolicy, expected: ExpectedLength | None,
+async def one_task(client: KlingClient, sample: Sample, policy: PollPolicy, expected: ExpectedLength | None,
                    stagger: float) -> None:
+    """Create a task and wait for it with `policy`: the client's own wait loop (wait_for_task), one shared pool."""
     await asyncio.sleep(stagger)  # spread the starts: tasks created together would poll in lock-step
-    async with KlingClient(settings, poll_policy=policy) as client:
-        snap = await client.create(Text2VideoRequest(prompt="benchmark clip"), None)
-        sample.task_id = snap.task_id
-        get = client.get
+    snap = await client.create(Text2VideoRequest(prompt="benchmark clip"), None)
+    sample.task_id = snap.task_id
 
-        async def counted_get(kind: Any, task_id: str) -> TaskSnapshot:
-            sample.client_polls += 1
-            return await get(kind, task_id)
+    async def get() -> TaskSnapshot:
+        sample.client_polls += 1
+        return await client.get("text2video", snap.task_id)
 
-        client.get = counted_get  # type: ignore[method-assign]
+    async def on_update(s: TaskSnapshot) -> None:
+        sample.seen.setdefault(s.task_status, time.time())
+        sample.changed.setdefault(s.task_status, s.updated_at / 1000)
 
-        async def on_update(s: TaskSnapshot) -> None:
-            sample.seen.setdefault(s.task_status, time.time())
-            sample.changed.setdefault(s.task_status, s.updated_at / 1000)
-
-        final = await client.wait("text2video", snap.task_id, on_update=on_update, expected=expected)
-    started = sample.changed.get("processing", final.created_at / 1000)
+    final = await wait_for_task(get, policy=policy, sleep=asyncio.sleep, on_update=on_update, task_id=snap.task_id,
+                                expected=expected)
+    started = sample.changed.get("processing", final.created_at / 1000)  # Kling's clock, not ours
     sample.queued_s = started - final.created_at / 1000
     sample.processing_s = final.updated_at / 1000 - started
 
 
 async def one_length(emu: common.Emulator, length: float, policies: list[str], tasks: int, warm_up: int,
                      compress: float, seed: int) -> tuple[list[Sample], dict[str, Any]]:
-    settings = KlingSettings(api_base_url=emu.base_url, access_key=common.AK, secret_key=common.SK)
+    # Generous connect/read timeouts: on a loaded machine a burst of creates can wait seconds for the emulator.
+    settings = KlingSettings(api_base_url=emu.base_url, access_key=common.AK, secret_key=common.SK,
+                             connect_timeout=60, read_timeout=120)
+    async with KlingClient(settings) as client:
+        return await _one_length(client, emu, length, policies, tasks, warm_up, compress, seed)
+
+
+async def _one_length(client: KlingClient, emu: common.Emulator, length: float, policies: list[str], tasks: int,
+                      warm_up: int, compress: float, seed: int) -> tuple[list[Sample], dict[str, Any]]:
     rng = random.Random(seed)
     book = TaskLengthBook(MemoryStore(), flush_delay=0)
     # What this account's earlier tasks took: polled like today, their lengths learned.
     learning = [Sample("warm-up", length) for _ in range(warm_up)]
-    await asyncio.gather(*(one_task(settings, s, make_policy("adaptive:5:15", compress, random.Random(rng.random())),
+    await asyncio.gather(*(one_task(client, s, make_policy("adaptive:5:15", compress, random.Random(rng.random())),
                                     None, rng.uniform(0, 5 * compress)) for s in learning))
     for s in learning:
         book.record(KEY, s.queued_s, s.processing_s)
@@ -112,7 +118,7 @@ async def one_length(emu: common.Emulator, length: float, policies: list[str], t
         for _ in range(tasks):
             sample = Sample(spec, length)
             samples.append(sample)
-            jobs.append(one_task(settings, sample, make_policy(spec, compress, random.Random(rng.random())),
+            jobs.append(one_task(client, sample, make_policy(spec, compress, random.Random(rng.random())),
                                  expected if spec == "learned" else None, rng.uniform(0, 10 * compress)))
     await asyncio.gather(*jobs)
     return samples, emu.stats()
