@@ -74,10 +74,11 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default {','.join(PARTS)})")
     parser.add_argument("--sqlite", action="store_true", help="the shared Prefect server on SQLite")
     parser.add_argument("--parallel", action="store_true", help="run the parts at once (default with --quick)")
+    parser.add_argument("--render-only", action="store_true", help="run nothing: write the page from the results")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default docs/benchmarks.md; --quick: bench/results/benchmarks-quick.md)")
     args = parser.parse_args()
-    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    parts = [] if args.render_only else [p.strip() for p in args.only.split(",") if p.strip()]
     args.parallel = args.parallel or args.quick
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -114,10 +115,15 @@ def main() -> None:
             transfer = run_transfer(args.quick)
             took["transfer"] = time.monotonic() - start
     suffix = "-quick" if args.quick else ""
+    meta = {"database": database, "part_seconds": {k: round(v, 1) for k, v in took.items()}, "transfer": transfer,
+            "command_line": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])}
+    if args.render_only:  # the page of the last run, with its own command and settings
+        meta = load(f"run{suffix}") or meta
+    else:
+        common.write_result(f"run{suffix}", meta)
     figures = {name: load(f"{name}{suffix}") for name in PARTS if name != "transfer"}
-    page = report.render(figures, transfer=transfer, quick=args.quick, database=database,
-                         part_seconds={k: round(v, 1) for k, v in took.items()},
-                         command=" ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]]))
+    page = report.render(figures, transfer=meta["transfer"], quick=args.quick, database=meta["database"],
+                         part_seconds=meta["part_seconds"], command=meta["command_line"])
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(page)
     print(f"\nwrote {doc}", flush=True)
