@@ -3,7 +3,7 @@
 Learned schedule (when the caller passes an ``ExpectedLength``: what this account's earlier tasks of the same
 kind, model, mode and duration took, on Kling's own clock). Kling's task lengths are predictable per kind, so
 the wait polls rarely while the task cannot be done yet and densely when it is about to be: the *window* is
-[shortest, longest] of the earlier lengths widened by a margin that shrinks with the number of samples,
+[shortest, longest] of the earlier lengths widened by the spread one more sample may add (range / (n - 1)),
 measured from the task's ``created_at`` (or, once ``processing`` was seen, from its ``updated_at``: the
 moment processing began, exact whenever it is observed). Before the window a poll every
 ``rare_share × expected length`` at most (a failed task is still noticed); inside it, one every
@@ -94,7 +94,7 @@ class PollPolicy:
     processing_timeout: float = 1800.0
     queue_timeout: float = 3600.0
     # The learned schedule (see the module docstring); used only when the wait is given an ExpectedLength.
-    delay_share: float = 0.025  # target mean detection delay, as a share of the expected length
+    delay_share: float = 0.02  # target mean detection delay, as a share of the expected length
     rare_share: float = 0.5  # at most this share of the expected length between polls before the window
     dense_min_interval: float = 2.0  # never denser than this, however short the task
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
@@ -119,13 +119,14 @@ class ExpectedLength:
         if min(self.queued) < 0 or min(self.processing) <= 0:
             raise ValueError("ExpectedLength needs queued >= 0 and processing > 0 seconds")
 
-    @property
-    def margin(self) -> float:
-        """How far past the samples the window reaches (both ways): wide for one sample, ~4 % for many."""
-        return 0.02 + 0.18 / len(self.processing)
-
     def _window(self, values: tuple[float, ...]) -> tuple[float, float]:
-        return min(values) * (1.0 - self.margin), max(values) * (1.0 + self.margin)
+        """[shortest, longest] widened both ways by the spread one more sample may add beyond them (the range
+        over n - 1: the gap between order statistics), at least 2 % of the value; ±20 % for a single sample."""
+        lo, hi = min(values), max(values)
+        if len(values) == 1:
+            return lo * 0.8, hi * 1.2
+        margin = max((hi - lo) / (len(values) - 1), 0.02 * hi)
+        return max(0.0, lo - margin), hi + margin
 
     @property
     def total_window(self) -> tuple[float, float]:
