@@ -25,12 +25,12 @@ def _machine(figures: dict[str, Any]) -> list[str]:
     if first is None:
         return ["No results yet."]
     m = first["machine"]
-    loads = [(n, f["machine"]["loadavg_1_5_15_at_start"][0], f["machine"]["loadavg_1_5_15_at_end"][0])
-             for n, f in figures.items() if f]
-    return [f"{m['cpus']} cores, Python {m['python']}, {m['platform']}, {m['date']} (UTC). The machine is shared with "
-            "other engineers' test suites: load average (1 min) at the start / end of each part: "
-            + ", ".join(f"{n} {a:g} / {b:g}" for n, a, b in loads) + ". Wall-clock figures move with it (±30 % and "
-            "more); polls, request counts and the model's figures do not."]
+    loads = [(n, f["machine"]["date"][:16].replace("T", " "), f["machine"]["loadavg_1_5_15_at_start"][0],
+              f["machine"]["loadavg_1_5_15_at_end"][0]) for n, f in figures.items() if f]
+    return [f"{m['cpus']} cores, Python {m['python']}, {m['platform']}. The machine is shared with other engineers' "
+            "test suites; each part's end (UTC) and load average (1 min) at its start / end: "
+            + ", ".join(f"{n} {d}, {a:g} / {b:g}" for n, d, a, b in loads) + ". Wall-clock figures move with the "
+            "load (±30 % and more); polls, request counts and the model's figures do not."]
 
 
 def polling(p: dict[str, Any] | None) -> list[str]:
@@ -119,6 +119,16 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
             f"process carries >= 500 concurrent jobs {_ok(carried)} (largest N run: {big['jobs']}, "
             f"{big['failed']} failed); overhead at {big['jobs']} / at {small['jobs']}: {ratio:.2f}x "
             f"{_ok(ratio <= 2 and big['jobs'] >= 500)} (goal <= 2x at 500 vs 50)."]
+    if big["jobs"] < 500:
+        out.append(f"N = 500 has no figure from this run: it was stopped after N = {big['jobs']}, whose batch took "
+                   f"{big['batch_wall_s']:.0f} s; at the CPU per step above, 500 jobs need about "
+                   f"{500 / big['jobs']:.1f}x that on this machine (`bench/overhead.py --jobs 500` measures it).")
+    warm = o.get("warm_up")
+    if warm:
+        out.append(f"The warm-up batch ({warm['jobs']} jobs, no history yet: adaptive polling) had "
+                   f"{warm['overhead_per_step_s'].get('mean', float('nan')):.2f} s of overhead and "
+                   f"{warm['cpu_per_step_s']:.3f} s of CPU per step, {warm['polls_per_task'].get('mean', 0):.1f} polls "
+                   "per task; the batches after it poll by the lengths it taught (the polls / task column).")
     errors = sorted({e for r in runs for e in r.get("errors", [])})
     if errors:
         out.append("Errors of failed jobs: " + "; ".join(f"`{e[:160]}`" for e in errors[:3]) + ".")

@@ -36,8 +36,9 @@ PARTS = ("polling", "overhead", "batch", "makespan", "rerun", "transfer")
 DOC = common.ROOT / "docs" / "benchmarks.md"
 
 
-def start_part(name: str, quick: bool, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    args = [sys.executable, str(common.ROOT / "bench" / f"{name}.py"), *(["--quick"] if quick else [])]
+def start_part(name: str, quick: bool, env: dict[str, str], extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, str(common.ROOT / "bench" / f"{name}.py"), *(["--quick"] if quick else []),
+            *(extra or [])]
     (common.RESULTS / f"{name}{'-quick' if quick else ''}.json").unlink(missing_ok=True)  # no stale figures
     print(f"\n=== {name}: {' '.join(args[1:])}", flush=True)
     return subprocess.Popen(args, env=env, cwd=common.ROOT, start_new_session=True)
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--sqlite", action="store_true", help="the shared Prefect server on SQLite")
     parser.add_argument("--parallel", action="store_true", help="run the parts at once (default with --quick)")
     parser.add_argument("--render-only", action="store_true", help="run nothing: write the page from the results")
+    parser.add_argument("--overhead-jobs", default=None, help="N for the overhead part (default its 50,200,500)")
     parser.add_argument("--doc", type=Path, default=None,
                         help="page to write (default docs/benchmarks.md; --quick: bench/results/benchmarks-quick.md)")
     args = parser.parse_args()
@@ -101,15 +103,16 @@ def main() -> None:
             env.update({common.SHARED_API: api, "BENCH_PREFECT_SERVER_PID": str(common.SERVER_PID or ""),
                         "BENCH_PREFECT_DATABASE": database})
         children = [p for p in parts if p != "transfer"]
+        extras = {"overhead": ["--jobs", args.overhead_jobs]} if args.overhead_jobs else {}
         if args.parallel:  # every part at once: quick figures only show the benchmarks work, and CI waits less
             started = time.monotonic()
-            running = {name: start_part(name, args.quick, env) for name in children}
+            running = {name: start_part(name, args.quick, env, extras.get(name)) for name in children}
             for name, process in running.items():
                 took[name] = finish_part(name, process, started)
         else:  # one after another, so no part's timings share the cores with another's
             for name in children:
                 start = time.monotonic()
-                took[name] = finish_part(name, start_part(name, args.quick, env), start)
+                took[name] = finish_part(name, start_part(name, args.quick, env, extras.get(name)), start)
         if "transfer" in parts:
             start = time.monotonic()
             transfer = run_transfer(args.quick)
