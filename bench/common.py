@@ -141,20 +141,76 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_SECRET_ACCESS_KEY": "bench-secret-key", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+SERVER_PID: int | None = None  # the Prefect server this benchmark started (its CPU is reported)
+# bench/run.py hands every part one server: BENCH_PREFECT_API_URL names it (and BENCH_PREFECT_SERVER_PID its pid).
+SHARED_API = "BENCH_PREFECT_API_URL"
+
+
 @contextmanager
-def prefect_server(home: Path) -> Iterator[tuple[str, float]]:
-    """One `prefect server start` for the whole benchmark; yields (api_url, seconds it took to be healthy)."""
+def prefect_server(home: Path, database_url: str | None = None) -> Iterator[tuple[str, float]]:
+    """One `prefect server start` for the whole benchmark; yields (api_url, seconds it took to be healthy).
+
+    With BENCH_PREFECT_API_URL set (bench/run.py, the CI test), that server is used instead (0 s to start).
+    `database_url`: PostgreSQL (see postgres()); default SQLite in `home`."""
+    global SERVER_PID
+    shared = os.environ.get(SHARED_API)
+    if shared:
+        pid = os.environ.get("BENCH_PREFECT_SERVER_PID")
+        SERVER_PID = int(pid) if pid else None
+        yield shared, 0.0
+        return
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_API_URL": api}
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     child = Child("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                      str(port)], home, env)
     try:
-        took = child.wait_http(f"{api}/health", timeout=90)
+        took = child.wait_http(f"{api}/health", timeout=180)
+        SERVER_PID = child.process.pid
         yield api, took
     finally:
+        SERVER_PID = None
         child.stop()
+
+
+@contextmanager
+def postgres() -> Iterator[str | None]:
+    """A private PostgreSQL cluster (the deployment tests' recipe, tests/flows/postgres.py): yields its
+    database URL for a Prefect server, or None (and says why) when PostgreSQL cannot run here."""
+    sys.path.insert(0, str(ROOT / "tests" / "flows"))
+    try:
+        from postgres import PostgresCluster, PostgresUnavailable  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    try:
+        cluster = PostgresCluster.start()
+    except PostgresUnavailable as exc:
+        print(f"PostgreSQL unavailable ({exc}): SQLite instead", flush=True)
+        yield None
+        return
+    try:
+        cluster.create_database("prefect")
+        yield cluster.url("prefect")
+    finally:
+        cluster.stop()
+
+
+def group_cpu_seconds(pgid: int | None) -> float:
+    """User + system CPU seconds of every live process in a process group (a server and its children)."""
+    if pgid is None:
+        return 0.0
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 @contextmanager

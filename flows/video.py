@@ -24,7 +24,7 @@ from kling_tasks.recorder import JobRecorder, default_observers
 from kling_tasks.settings import load_settings
 from kling_tasks.slots import account_slot, ensure_account_limit
 from kling_tasks.step_results import Rendered, StartImage
-from kling_tasks.steps import store_into_ledger, submit_step, wait_step
+from kling_tasks.steps import step_length_key, store_into_ledger, submit_step, wait_step
 from kling_tasks.storage import StoredObject
 
 
@@ -96,7 +96,8 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
                                                    assume_not_created=ext in assumed, start_image=start_image)
                     await asyncio.to_thread(ledger.submitted, step, submission)
                     try:
-                        rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account)
+                        rendered = await wait_step(plan.job_id, step, step.kind, submission.task_id, account,
+                                                   length_key=step_length_key(step, job.generate))
                     except TaskFailedError as exc:
                         message = exc.snapshot.task_status_msg or "no reason given"
                         await asyncio.to_thread(ledger.failed, step, message)

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import hashlib
 import inspect
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -24,8 +25,9 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
+from pydantic import SecretStr
 
-from kling_tasks import identity, recorder
+from kling_tasks import identity, recorder, task_lengths
 from kling_tasks.api import BackPressureError, KlingClient, KlingError, TaskKind, TaskSnapshot
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
@@ -101,6 +103,27 @@ def _ledger(job_id: str) -> recorder.JobRecorder | None:
     return recorder.active(job_id)
 
 
+_CLIENTS: dict[tuple[object, str, asyncio.AbstractEventLoop], KlingClient] = {}
+
+
+def kling_client(settings: KlingSettings) -> KlingClient:
+    """One Kling client (one HTTP connection pool) per process, settings and event loop, never closed by a step.
+
+    A client per call cost a new TLS context (~10 ms of CPU) and a new connection every time: the biggest CPU
+    cost per step in bench/overhead.py. Keyed on everything in the settings (secrets hashed), so another
+    account or provider gets its own client; a closed loop's clients are dropped.
+    """
+    values = {k: v.get_secret_value() if isinstance(v, SecretStr) else v for k, v in settings.model_dump().items()}
+    fingerprint = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+    key = (KlingClient, fingerprint, asyncio.get_running_loop())
+    client = _CLIENTS.get(key)
+    if client is None:
+        for old in [k for k in _CLIENTS if k[2].is_closed()]:
+            del _CLIENTS[old]
+        client = _CLIENTS[key] = KlingClient(settings)
+    return client
+
+
 @task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED)
 @names_its_step
 async def submit_step(
@@ -123,25 +146,25 @@ async def submit_step(
 
     deadline = time.monotonic() + settings.backpressure_timeout_seconds
     refusals = 0
-    async with KlingClient(settings) as client:
-        if parent is not None and parent.external_task_id:
-            client.remember(parent.kind, parent.external_task_id, parent.task_id)  # a known task: a lookup control
-        while True:
-            try:
-                result = await client.submit(request, step.external_task_id, may_exist=may_exist,
-                                             before_post=before_post, adopt_task_id=adopt_task_id,
-                                             assume_not_created=assume_not_created)
-                break
-            except BackPressureError as exc:
-                if ledger is not None:  # a definite refusal created nothing: withdraw the intent
-                    await asyncio.to_thread(ledger.refused, step)
-                delay = min(BACKPRESSURE_MAX_DELAY, 2.0**refusals) * random.uniform(1.0, 1.25)
-                if time.monotonic() + delay > deadline:
-                    raise
-                refusals += 1
-                logger.warning("Kling refused the create of %s for now (%s); nothing was created, trying again "
-                               "in %.0f s", step.external_task_id, exc, delay)
-                await asyncio.sleep(delay)
+    client = kling_client(settings)
+    if parent is not None and parent.external_task_id:
+        client.remember(parent.kind, parent.external_task_id, parent.task_id)  # a known task: a lookup control
+    while True:
+        try:
+            result = await client.submit(request, step.external_task_id, may_exist=may_exist,
+                                         before_post=before_post, adopt_task_id=adopt_task_id,
+                                         assume_not_created=assume_not_created)
+            break
+        except BackPressureError as exc:
+            if ledger is not None:  # a definite refusal created nothing: withdraw the intent
+                await asyncio.to_thread(ledger.refused, step)
+            delay = min(BACKPRESSURE_MAX_DELAY, 2.0**refusals) * random.uniform(1.0, 1.25)
+            if time.monotonic() + delay > deadline:
+                raise
+            refusals += 1
+            logger.warning("Kling refused the create of %s for now (%s); nothing was created, trying again "
+                           "in %.0f s", step.external_task_id, exc, delay)
+            await asyncio.sleep(delay)
     snap = result.snapshot
     logger.info(
         "%s Kling %s task %s (external_task_id=%s, request_id=%s, status=%s)",
@@ -160,12 +183,26 @@ def read_start_image(image: StartImage) -> bytes:
     return data
 
 
+def step_length_key(step: PlannedStep, generation: GenerationSpec) -> str:
+    """The learned-length key of a step's Kling task (kling_tasks.task_lengths): an extension adds a fixed
+    ~4.5 s whatever the generation's duration, so its key names no duration."""
+    duration = "extend" if step.kind == "video-extend" else generation.duration
+    return task_lengths.length_key(step.kind, generation.model_name, generation.mode, duration)
+
+
 @task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
 @names_its_step
-async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str) -> Rendered:
-    """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result."""
+async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str,
+                    length_key: str | None = None) -> Rendered:
+    """Poll until the task ends; the final snapshot (ids, url, duration, credits) is the cached result.
+
+    `length_key`: poll by what this account's earlier tasks of that key took (kling_tasks.task_lengths), and
+    add this one's lengths to them; None polls adaptively and learns nothing.
+    """
     logger = get_run_logger()
     ledger = _ledger(job_id)
+    book = task_lengths.book_for(account) if length_key is not None else None
+    expected = await book.expected(length_key) if book is not None and length_key is not None else None
     processing_since: list[int] = []
 
     async def on_update(snap: TaskSnapshot) -> None:
@@ -178,9 +215,10 @@ async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str
         if ledger is not None and not snap.is_terminal:
             await asyncio.to_thread(ledger.status, step, snap.task_status)
 
-    async with KlingClient(load_settings()) as client:
-        final = await client.wait(kind, task_id, on_update=on_update)
+    final = await kling_client(load_settings()).wait(kind, task_id, on_update=on_update, expected=expected)
     rendered = summarize(kind, final, processing_since[0] if processing_since else None)
+    if book is not None and length_key is not None and processing_since:  # both phases seen: a clean sample
+        book.record(length_key, rendered.queued_seconds, rendered.processing_seconds)
     logger.info(
         "Kling task %s succeeded: video %s, %.3f s, %s credits, queued %.1f s, processing %.1f s",
         task_id, rendered.video_id, rendered.duration, rendered.credits, rendered.queued_seconds,
@@ -240,8 +278,7 @@ async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id
                 "external_task_id": step.external_task_id}
     for fresh_urls in range(2):
         # Ask Kling again rather than trusting a cached URL: result URLs can expire before the video does.
-        async with KlingClient(settings) as client:
-            snap = await client.get(kind, task_id)
+        snap = await kling_client(settings).get(kind, task_id)
         if snap.video is None:
             raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
         try:

@@ -32,7 +32,7 @@ from kling_tasks.api.models import (
     Video,
     VideoExtendRequest,
 )
-from kling_tasks.api.polling import PollPolicy
+from kling_tasks.api.polling import ExpectedLength, PollPolicy
 from kling_tasks.api.submit import FoundBy, SubmitResult
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "BearerAuth",
     "ConfigError",
     "ContentPolicyError",
+    "ExpectedLength",
     "FoundBy",
     "IPNotAllowedError",
     "Image2VideoRequest",

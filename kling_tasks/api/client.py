@@ -37,7 +37,7 @@ from kling_tasks.api.errors import (
 )
 from kling_tasks.api.lookup import TaskFinder
 from kling_tasks.api.models import TaskKind, TaskRequest, TaskSnapshot
-from kling_tasks.api.polling import OnUpdate, PollPolicy, wait_for_task
+from kling_tasks.api.polling import ExpectedLength, OnUpdate, PollPolicy, wait_for_task
 from kling_tasks.api.submit import SubmitResult
 from kling_tasks.api.submit import submit as submit_task
 from kling_tasks.settings import KlingSettings
@@ -84,6 +84,7 @@ class KlingClient:
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] | None = None,
         clock: Callable[[], float] | None = None,
+        wall_clock: Callable[[], float] | None = None,
         retry: RetryPolicy | None = None,
         poll_policy: PollPolicy | None = None,
         auth: Auth | None = None,
@@ -92,12 +93,15 @@ class KlingClient:
         self._auth = auth or auth_from_settings(settings)  # ConfigError before any request
         self._sleep = sleep or anyio.sleep
         self._clock = clock or time.monotonic
+        # Kling's timestamps are epoch times: with a fake `clock`, the same fake clock maps them unless told.
+        self._wall_clock = wall_clock or (clock if clock is not None else time.time)
         self._retry = retry or RetryPolicy()
         self._poll = poll_policy or PollPolicy(
             min_interval=settings.poll_min_seconds,
             max_interval=settings.poll_max_seconds,
             processing_timeout=settings.wait_timeout_seconds,
             queue_timeout=settings.queue_timeout_seconds,
+            dense_min_interval=0.4 * settings.poll_min_seconds,  # the learned schedule's floor: 2 s by default
         )
         self._prefix = ("/kling" if settings.provider == "cometapi" else "") + "/v1/videos"
         timeout = httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout)
@@ -327,12 +331,18 @@ class KlingClient:
                 self.settings.provider,
             )
 
-    async def wait(self, kind: TaskKind, task_id: str, *, on_update: OnUpdate | None = None) -> TaskSnapshot:
-        """Poll until terminal (policy: ``kling_tasks.api.polling``); return the ``succeed`` snapshot."""
+    async def wait(
+        self, kind: TaskKind, task_id: str, *, on_update: OnUpdate | None = None, expected: ExpectedLength | None = None
+    ) -> TaskSnapshot:
+        """Poll until terminal (policy: ``kling_tasks.api.polling``); return the ``succeed`` snapshot.
+
+        ``expected``: what earlier tasks like this one took (the learned schedule); None polls adaptively.
+        """
 
         async def get() -> TaskSnapshot:
             return await self.get(kind, task_id)
 
         return await wait_for_task(
-            get, policy=self._poll, sleep=self._sleep, clock=self._clock, on_update=on_update, task_id=task_id
+            get, policy=self._poll, sleep=self._sleep, clock=self._clock, on_update=on_update, task_id=task_id,
+            expected=expected, wall_clock=self._wall_clock,
         )

@@ -8,8 +8,8 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
 
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
 A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
-The sync client is used on purpose: the recorder is synchronous, and Prefect's artifact helpers would hand
-back un-awaited coroutines when called from the async flow.
+One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
+artifact helpers would hand back un-awaited coroutines when called from the async flow.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import base64
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,9 +28,11 @@ from typing import Any
 from uuid import UUID
 
 from prefect import get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
+from prefect.settings import PREFECT_API_URL
 
 from kling_tasks.manifest import Manifest, manifest_key
 from kling_tasks.storage import Sink, StoredObject
@@ -143,6 +146,25 @@ def how_made(manifest: Manifest, extensions: int) -> str:
             f"clips joined by {how}")
 
 
+_CLIENTS: dict[str, SyncPrefectClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def shared_client() -> SyncPrefectClient:
+    """One sync Prefect client per process and API URL, shared by every job's observer thread (its httpx pool is
+    thread-safe). A client per call, as before, paid a new TLS context and connection each time: the biggest
+    CPU cost of a step after the Kling client's (bench/overhead.py). Never closed: it lives as long as the
+    process."""
+    url = PREFECT_API_URL.value() or ""
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(url)
+        if client is None:
+            client = get_client(sync_client=True)
+            client.__enter__()
+            _CLIENTS[url] = client
+        return client
+
+
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     try:
         return get_run_logger()
@@ -176,14 +198,12 @@ class ArtifactPublisher:
                                   type(exc).__name__, exc)
 
     def _create(self, key: str, kind: str, data: Any, description: str) -> UUID:
-        with get_client(sync_client=True) as client:
-            created = client.create_artifact(ArtifactCreate(
-                key=key, type=kind, data=data, description=description, flow_run_id=self.flow_run_id))
+        created = shared_client().create_artifact(ArtifactCreate(
+            key=key, type=kind, data=data, description=description, flow_run_id=self.flow_run_id))
         return created.id
 
     def _update(self, artifact_id: UUID, data: Any, description: str) -> None:
-        with get_client(sync_client=True) as client:
-            client.update_artifact(artifact_id, ArtifactUpdate(data=data, description=description))
+        shared_client().update_artifact(artifact_id, ArtifactUpdate(data=data, description=description))
 
     def _publish_table(self, manifest: Manifest) -> None:
         # Same encoding as prefect.artifacts.create_table_artifact: a JSON string of the rows.
@@ -203,7 +223,8 @@ class ArtifactPublisher:
 
     def started(self, manifest: Manifest) -> None:
         if self.run_tags:
-            with self._best_effort("flow-run tags"), get_client(sync_client=True) as client:
+            with self._best_effort("flow-run tags"):
+                client = shared_client()
                 current = client.read_flow_run(self.flow_run_id).tags or []
                 client.update_flow_run(self.flow_run_id, tags=sorted({*current, *self.run_tags}))
         self.changed(manifest)

@@ -1,0 +1,139 @@
+"""Pipeline overhead per step, and how it holds up with many concurrent jobs in one worker process.
+
+For each N in --jobs, one `produce_batch` of N jobs x S steps runs in this process with N account slots (so no
+job waits for a slot and every job is in flight at once), against the Kling emulator (child process, latencies
+x the time scale, concurrency N) and a local folder. Per job, from the batch's entries and the emulator's clock:
+  overhead per step  (the job's wall time - Σ its Kling tasks' created -> succeed) / S: everything the pipeline
+                     adds to Kling's time: detection delay, submit, task-run hand-offs, ledger, artifacts, store
+                     of the last step, final copy and contact sheet
+  CPU per step       this process's CPU seconds during the batch (all threads) / (N x S); the Prefect server's
+                     and the emulator's CPU are separate processes, reported beside it
+A warm-up batch first teaches the account's task lengths (the learned poll schedule) and warms Prefect's
+client. Polls per task come from the emulator's counts.
+
+    .venv/bin/python bench/overhead.py                 # N = 50, 200, 500 on PostgreSQL when available
+    .venv/bin/python bench/overhead.py --quick         # N = 4 on SQLite
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+import uuid
+from contextlib import ExitStack
+from typing import Any
+
+import common
+
+EXTEND_LATENCY = 320.0
+
+
+def make_jobs(count: int, steps: int, dest: str, tag: str) -> list[Any]:
+    from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob
+
+    return [VideoJob(generate=GenerationSpec(prompt=f"an origami crane number {i}"), dest=dest, job_id=f"{tag}-{i}",
+                     extensions=[ExtensionSpec(prompt=f"it unfolds, part {k}") for k in range(1, steps)])
+            for i in range(count)]
+
+
+def kling_seconds_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
+    """Σ (succeed - created) of each job's tasks, emulator clock; job id = the external id's namespace."""
+    out: dict[str, float] = {}
+    for task in stats["tasks"].values():
+        ext = task["external_task_id"] or ""
+        if ext.startswith(f"{tag}-") and task["status"] == "succeed":
+            job = ext.rsplit("-s", 1)[0]
+            out[job] = out.get(job, 0.0) + (task["updated_at"] - task["created_at"]) / 1000
+    return out
+
+
+def polls_of(stats: dict[str, Any], tag: str) -> list[float]:
+    return [float(stats["polls"].get(tid, 0)) for tid, t in stats["tasks"].items()
+            if (t["external_task_id"] or "").startswith(f"{tag}-")]
+
+
+def run_batch(n: int, steps: int, dest: str, tag: str) -> tuple[float, float, list[Any]]:
+    from flows.batch import produce_batch
+    from kling_tasks.batch_ledger import load_batch
+    from kling_tasks.storage import open_sink
+
+    jobs = make_jobs(n, steps, dest, tag)
+    cpu0, start = time.process_time(), time.monotonic()
+    asyncio.run(produce_batch(jobs=jobs, dest=dest, batch_id=f"batch-{tag}", return_state=True))
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu0
+    manifest = load_batch(open_sink(dest), f"batch-{tag}")  # every job's outcome, failed ones too
+    return wall, cpu, manifest.jobs if manifest is not None else []
+
+
+def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str) -> dict[str, Any]:
+    server_cpu0 = common.group_cpu_seconds(common.SERVER_PID)
+    emu_cpu0 = common.group_cpu_seconds(emu.child.process.pid)
+    wall, cpu, entries = run_batch(n, steps, dest, tag)
+    server_cpu = common.group_cpu_seconds(common.SERVER_PID) - server_cpu0
+    emu_cpu = common.group_cpu_seconds(emu.child.process.pid) - emu_cpu0
+    stats = emu.stats()
+    kling = kling_seconds_by_job(stats, tag)
+    done = [e for e in entries if e.status == "succeeded" and e.seconds is not None and e.job_id in kling]
+    per_step = [(e.seconds - kling[e.job_id]) / steps for e in done]
+    return {"jobs": n, "steps": steps, "succeeded": len(done), "failed": len(entries) - len(done),
+            "errors": sorted({e.error for e in entries if e.error})[:3],
+            "batch_wall_s": round(wall, 1), "overhead_per_step_s": common.stats(per_step),
+            "kling_per_step_s": common.stats([kling[e.job_id] / steps for e in done]),
+            "cpu_per_step_s": round(cpu / max(1, n * steps), 4),
+            "prefect_server_cpu_per_step_s": round(server_cpu / max(1, n * steps), 4) if common.SERVER_PID else None,
+            "emulator_cpu_per_step_s": round(emu_cpu / max(1, n * steps), 4),
+            "polls_per_task": common.stats(polls_of(stats, tag)),
+            "concurrency_high_water": stats["concurrency_high_water"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="50,200,500", help="comma-separated N (default 50,200,500)")
+    parser.add_argument("--steps", type=int, default=2, help="S: 1 generation + S-1 extensions (default 2)")
+    parser.add_argument("--task-seconds", type=float, default=10.0, help="Kling seconds per task, scaled (default 10)")
+    parser.add_argument("--sqlite", action="store_true", help="the Prefect server on SQLite, not PostgreSQL")
+    parser.add_argument("--warm-up", type=int, default=3, help="jobs of the warm-up batch (default 3)")
+    parser.add_argument("--quick", action="store_true", help="N = 4; 2 s tasks; 2 warm-up jobs; SQLite")
+    args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.task_seconds, args.sqlite, args.warm_up = "4", 2.0, True, 2
+    sizes = [int(x) for x in args.jobs.split(",") if x.strip()]
+    scale = args.task_seconds / EXTEND_LATENCY
+    results: dict[str, Any] = {"time_scale": scale, "task_seconds": args.task_seconds, "steps": args.steps}
+    tag = f"ov{uuid.uuid4().hex[:5]}"
+    with ExitStack() as stack:
+        tmp = stack.enter_context(common.scratch("bench-overhead-"))
+        home = tmp / "prefect-home"
+        home.mkdir()
+        db = None if args.sqlite or os.environ.get(common.SHARED_API) else stack.enter_context(common.postgres())
+        api, took = stack.enter_context(common.prefect_server(home, db))
+        results["prefect_database"] = os.environ.get("BENCH_PREFECT_DATABASE") or ("postgresql" if db else "sqlite")
+        results["prefect_server_start_s"] = round(took, 1)
+        emu = stack.enter_context(common.emulator(tmp, time_scale=scale, concurrency=max(sizes) + 10))
+        os.environ.update({"PREFECT_HOME": str(home), "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
+                           "false", "PREFECT_LOGGING_LEVEL": "WARNING", "KLING_MAX_CONCURRENCY": str(max(sizes) + 10),
+                           **common.kling_env(emu.base_url, scale)})
+        dest = str(tmp / "out")
+        print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
+        results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w")
+        results["runs"] = []
+        for n in sizes:
+            print(f"{n} concurrent jobs x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
+            row = measure(n, args.steps, dest, emu, f"{tag}n{n}")
+            results["runs"].append(row)
+            o = row["overhead_per_step_s"]
+            print(f"  {row['succeeded']}/{n} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s, "
+                  f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
+                  f"polls/task {row['polls_per_task'].get('mean')}, batch {row['batch_wall_s']} s", flush=True)
+            common.write_result("overhead-quick" if args.quick else "overhead", results)  # each N as it ends
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+    path = common.write_result("overhead-quick" if args.quick else "overhead", results)
+    print(f"wrote {path.relative_to(common.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Rerun of a finished job as a CLI process: wall time, and the requests it sends to Kling.
+
+`kling-pipeline run` (a child process, as a user types it) makes a 1 + N job into a local folder; then the same
+command runs again --reruns times. Each rerun's wall time (process start, imports and the flow included) and
+its Kling requests (the emulator's counts before and after: creates, and every request) are recorded.
+
+    .venv/bin/python bench/rerun.py            # 1 + 3, 3 reruns
+    .venv/bin/python bench/rerun.py --quick    # 1 + 1, 1 rerun
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import common
+
+PROMPT = "a kite over a windy beach"
+
+
+def cli(job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path) -> float:
+    args = [str(common.BIN / "kling-pipeline"), "run", "--prompt", PROMPT, "--dest", dest, "--job-id", job_id]
+    for i in range(extensions):
+        args += ["--extend", f"the kite dives, part {i + 1}"]
+    start = time.monotonic()
+    with log.open("ab") as err:
+        done = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=err, timeout=600, check=False,
+                              start_new_session=True)
+    took = time.monotonic() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"kling-pipeline run exited {done.returncode}; see {log}")
+    return took
+
+
+def counts(emu: common.Emulator) -> tuple[int, int]:
+    stats = emu.stats()
+    return sum(stats["create_attempts"].values()), sum(stats["requests"].values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--extensions", type=int, default=3, help="N in the 1 + N job (default 3)")
+    parser.add_argument("--reruns", type=int, default=3, help="reruns timed (default 3)")
+    parser.add_argument("--time-scale", type=float, default=0.005, help="emulator latency factor (default 0.005)")
+    parser.add_argument("--quick", action="store_true", help="1 + 1, 1 rerun")
+    args = parser.parse_args()
+    if args.quick:
+        args.extensions, args.reruns = 1, 1
+    scale = args.time_scale
+    results: dict[str, Any] = {"extensions": args.extensions, "time_scale": scale}
+    with ExitStack() as stack:
+        tmp = stack.enter_context(common.scratch("bench-rerun-"))
+        home = tmp / "prefect-home"
+        home.mkdir()
+        api, _ = stack.enter_context(common.prefect_server(home))
+        emu = stack.enter_context(common.emulator(tmp, time_scale=scale))
+        env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api, "COLUMNS": "200",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **common.kling_env(emu.base_url, scale)}
+        job_id, dest = f"bench-rerun-{uuid.uuid4().hex[:6]}", str(tmp / "out")
+        print(f"first run: 1 + {args.extensions} ...", flush=True)
+        results["first_run_s"] = round(cli(job_id, args.extensions, dest, env, tmp / "cli.log"), 2)
+        runs = []
+        for i in range(args.reruns):
+            creates0, requests0 = counts(emu)
+            took = cli(job_id, args.extensions, dest, env, tmp / "cli.log")
+            creates1, requests1 = counts(emu)
+            runs.append({"wall_s": round(took, 2), "creates": creates1 - creates0,
+                         "kling_requests": requests1 - requests0})
+            print(f"rerun {i + 1}: {took:.2f} s, {creates1 - creates0} creates, {requests1 - requests0} Kling requests",
+                  flush=True)
+        results["reruns"] = runs
+        results["rerun_wall_s_median"] = round(statistics.median(r["wall_s"] for r in runs), 2)
+        start = time.monotonic()
+        subprocess.run([str(common.BIN / "kling-pipeline"), "--help"], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        results["cli_help_s"] = round(time.monotonic() - start, 2)
+    path = common.write_result("rerun-quick" if args.quick else "rerun", results)
+    print(f"wrote {path.relative_to(common.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

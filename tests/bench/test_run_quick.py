@@ -1,0 +1,48 @@
+"""The benchmarks keep working: `bench/run.py --quick` (every part at its smallest, all at once, on the session's
+Prefect server) produces every figure and the page. Asserts that figures were produced, never how fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "bench" / "results"
+
+
+def result(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / f"{name}-quick.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    for stale in RESULTS.glob("*-quick.json"):
+        stale.unlink()
+    env = {**os.environ, "BENCH_PREFECT_API_URL": prefect_server.api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--doc", str(doc)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    polling = result("polling")
+    policies = {r["policy"] for r in polling["measured"]}
+    assert {"learned", "adaptive:5:15", "fixed:5", "fixed:10", "fixed:15"} <= policies
+    assert all(r["polls"]["n"] > 0 and r["client_polls_match"] for r in polling["measured"])
+    assert {m["policy"] for m in polling["model"]} == policies
+    overhead = result("overhead")
+    assert overhead["runs"] and all(r["succeeded"] == r["jobs"] for r in overhead["runs"])
+    assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in overhead["runs"])
+    batch = result("batch")
+    assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
+    makespan = result("makespan")
+    assert [r["name"].split(" (")[0] for r in makespan["runs"]] == ["flow local", "rerun local"]
+    rerun = result("rerun")
+    assert rerun["reruns"] and all(r["creates"] == 0 for r in rerun["reruns"])  # a rerun never creates
+
+    page = doc.read_text()
+    for heading in ("## 1. Polling", "## 3. Overhead", "## 4. Makespan", "## 5. Rerun", "## 2. Transfer"):
+        assert heading in page
+    assert "No figures" not in page and "| learned (new default) |" in page
