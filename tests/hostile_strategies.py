@@ -88,8 +88,9 @@ class Broken:
 
 
 def _not_in(allowed: set[str] | frozenset[str]) -> Any:
+    # Not even as text: `--duration 5` and a jobs file's `duration: 5` are the valid "5".
     return st.one_of(hostile_text, st.integers(), st.floats(), st.none(), st.booleans()).filter(
-        lambda v: v not in allowed)
+        lambda v: str(v) not in allowed)
 
 
 def _bad_numbers(low: float, high: float, integral: bool = False) -> Any:

@@ -198,7 +198,8 @@ def test_no_request_reached_the_emulator_and_preflight_saw_it(emulator: Any,
 def _write(path: Path, fmt: str, jobs: list[dict[str, Any]]) -> Path:
     target = path / f"jobs.{fmt}"
     if fmt == "yaml":
-        target.write_text(yaml.safe_dump({"jobs": jobs}, allow_unicode=True), encoding="utf-8")
+        # Escaped: written raw, YAML folds line breaks such as U+0085 (its rule, not ours); JSON keeps raw text.
+        target.write_text(yaml.safe_dump({"jobs": jobs}, allow_unicode=False), encoding="utf-8")
     elif fmt == "json":
         target.write_text(json.dumps({"jobs": jobs}, ensure_ascii=False), encoding="utf-8")
     else:
