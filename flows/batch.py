@@ -26,7 +26,7 @@ from prefect.runtime import flow_run
 from flows.video import produce_video, run_date
 from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
 from kling_tasks.identity import account_fingerprint, digest
-from kling_tasks.jobs import PlanError, VideoJob, plan_job
+from kling_tasks.jobs import PlanError, VideoJob, check_folder_id, plan_job
 from kling_tasks.jobs_file import JobsFileError, check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
 from kling_tasks.observability.batch_summary import publish_batch_summary
@@ -212,6 +212,8 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
     """
     logger = get_run_logger()
     settings = load_settings()
+    if batch_id is not None:  # it names a file next to the jobs' folders: never a path into one of them
+        check_folder_id(batch_id, "batch_id")
     batch = resolve_jobs(jobs, jobs_file, dest, run_date())
     estimate = check_batch(batch, settings, max_credits, resubmit_failed)
     account = account_fingerprint(settings)

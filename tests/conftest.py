@@ -95,7 +95,7 @@ class PrefectServer:
             return False
         return isinstance(settings, dict) and Path(str(settings.get("home"))).resolve() == self.home.resolve()
 
-    def wait_healthy(self, timeout: float = 60) -> None:
+    def wait_healthy(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
