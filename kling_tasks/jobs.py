@@ -206,8 +206,9 @@ def check_last_frame_chain(job: VideoJob) -> None:
     if length > job.max_seconds:
         most = int(job.max_seconds // float(gen.duration)) - 1
         raise PlanError(
-            f"{len(job.extensions)} continuations of {gen.duration} s make {length:.0f} s, over max_seconds "
-            f"{job.max_seconds:g}; use at most {max(most, 0)} continuations or raise max_seconds"
+            f"{len(job.extensions)} extensions by last-frame continuation, {gen.duration} s each, make "
+            f"{length:.0f} s, over max_seconds {job.max_seconds:g}; use at most {max(most, 0)} extensions or "
+            "raise max_seconds"
         )
 
 

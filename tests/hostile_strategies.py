@@ -140,6 +140,7 @@ def broken_jobs(draw: Any) -> Broken:
     elif kind == "not-extendable":
         gen["model_name"] = draw(st.sampled_from(sorted(T2V_MODELS - EXTENDABLE_MODELS)))
         job["extensions"] = job["extensions"] or [{"prompt": "more"}]
+        job["continuation"] = "extend"  # `auto` would continue from last frames: a valid plan
         words = ["cannot be extended"]
     elif kind == "too-many-extensions":
         job["extensions"], words = [{"prompt": "again"}] * draw(st.integers(36, 60)), ["extensions"]

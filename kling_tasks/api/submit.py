@@ -9,8 +9,8 @@
 4. POST. A create that never left the machine is resent (bounded). 1302/1303 are raised unchanged (nothing
    was created; the caller waits for a slot). 1201 (duplicate external id): look up and adopt. An ambiguous
    failure (dropped after sending, read timeout, 5xx, an unreadable answer): look up again; adopt if found;
-   resend only if a proven form said "not found" twice, the second time after the server has had the read
-   timeout again to finish a create it was still making, at most ``RetryPolicy.max_posts`` POSTs in all; otherwise
+   resend only if a proven form said "not found" twice, the second time after the server has had twice the
+   read timeout more to finish a create it was still making, at most ``RetryPolicy.max_posts`` POSTs in all; otherwise
    stop with AmbiguousSubmitError, which says how to settle it from the CLI.
 """
 
@@ -44,6 +44,7 @@ __all__ = ["EXTERNAL_ID_RE", "BeforePost", "FoundBy", "SubmitResult", "submit"]
 log = logging.getLogger("kling_tasks.api")
 
 EXTERNAL_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+AMBIGUOUS_SETTLE_TIMEOUTS = 2  # read timeouts to wait before a second lookup may license a resend
 FoundBy = Literal["created", "lookup", "list", "adopt_task_id", "1201"]
 BeforePost = Callable[[], Awaitable[None]]
 
@@ -190,10 +191,11 @@ async def submit(
         search = await finder.search(kind, ext, need_evidence=can_resend)
         if search.found is None and search.evidence and can_resend:
             # The server (or a gateway's upstream) may still be making the task it had not answered for: a
-            # "not found" now is not "never". It counts once the server has had as long again as we waited.
+            # "not found" now is not "never". It counts once the server has had twice as long as we waited.
+            settle = AMBIGUOUS_SETTLE_TIMEOUTS * client.settings.read_timeout
             log.warning("external_task_id %s: no task yet after an ambiguous POST; looking again in %.0f s before "
-                        "any resend", ext, client.settings.read_timeout)  # fmt: skip
-            await client._sleep(client.settings.read_timeout)
+                        "any resend", ext, settle)  # fmt: skip
+            await client._sleep(settle)
             search = await finder.search(kind, ext, need_evidence=True)
         if search.found is not None:
             return _from_search(client, kind, search, "found after an ambiguous POST")

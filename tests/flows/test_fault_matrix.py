@@ -379,6 +379,8 @@ def test_a_fatal_stop_is_one_line_of_the_cli_naming_the_step_and_the_code(case_e
     assert_finished_whole(emulator, dest, job_id, [step.external_task_id for step in plan_job(job).steps])
 
 
+@pytest.mark.skipif(not FULL, reason="full matrix only (KLING_MATRIX=full): timing-bound; the settle rule is "
+                                      "unit-tested in tests/kling_tasks/api (test_retry_table, test_submit)")
 async def test_a_create_still_in_flight_at_the_lookup_is_not_paid_twice(case_env: Any, tmp_path: Path) -> None:
     """The create outlasts the read timeout (1 s) and the client's first backoff (1-1.25 s): its lookup comes
     while the server still holds the request, and a proven form truthfully says "not found"."""

@@ -76,7 +76,8 @@ def as_options(job: dict[str, Any], dest: Path) -> list[str]:
     # `=`: a value may start with a dash. A missing value (None) is a missing option.
     args = [f"{names[key]}={value}" for key, value in gen.items() if value is not None]
     args += [f"--extend={ext['prompt']}" for ext in job["extensions"]]
-    args += [f"--{key.replace('_', '-')}={job[key]}" for key in ("job_id", "take", "max_credits") if key in job]
+    args += [f"--{key.replace('_', '-')}={job[key]}" for key in ("job_id", "take", "max_credits", "continuation")
+             if key in job]
     return [*args, f"--dest={dest}"]
 
 

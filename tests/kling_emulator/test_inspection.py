@@ -30,7 +30,7 @@ def test_stats_count_what_happened(kling: Any) -> None:
     assert stats["create_attempts"] == {"s-1": 2} and stats["tasks_created"] == {"s-1": 1}
     assert stats["tasks"][task_id] == {"kind": "text2video", "status": "succeed", "external_task_id": "s-1",
                                        "created_at": video["created_at"], "updated_at": video["updated_at"],
-                                       "video_id": video["task_result"]["videos"][0]["id"]}
+                                       "video_id": video["task_result"]["videos"][0]["id"], "image_sha256": None}
     assert stats["concurrency_high_water"] == 1
     assert stats["credits_charged"] == 2
     assert stats["downloads"] == {video["task_result"]["videos"][0]["id"]: 1}

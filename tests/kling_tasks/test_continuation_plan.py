@@ -57,7 +57,7 @@ def test_last_frame_chains_have_a_configurable_length_limit() -> None:
     longer = VideoJob(generate=GenerationSpec(prompt="a kite", model_name="kling-v2-6"), max_seconds=300,
                       extensions=[ExtensionSpec(prompt="on")] * 59)
     assert len(plan_job(longer).steps) == 60
-    with pytest.raises(ValidationError, match="use at most 1 continuations"):
+    with pytest.raises(ValidationError, match="use at most 1 extensions"):
         VideoJob(generate=GenerationSpec(prompt="a kite", model_name="kling-v2-6", duration="10"), max_seconds=20,
                  extensions=[ExtensionSpec(prompt="a"), ExtensionSpec(prompt="b")])
 

@@ -391,7 +391,7 @@ async def test_the_lookup_after_an_ambiguous_create_waits_from_one_second(fake, 
     async with client_with_real_backoff(fake, clock) as client:
         result = await client.submit(T2V, EXT)
     assert result.via == "created" and len(fake.posts()) == 3
-    settle = client.settings.read_timeout  # a "not found" counts once the server has had that long again
+    settle = 2 * client.settings.read_timeout  # a "not found" counts once the server has had that much more
     assert clock.sleeps == [1.0, settle, 2.0, settle]
 
 

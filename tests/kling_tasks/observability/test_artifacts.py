@@ -90,6 +90,7 @@ class BrokenClient:
 def test_publisher_is_best_effort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(artifacts, "get_client", lambda **_: BrokenClient())
+    monkeypatch.setattr(artifacts, "_CLIENTS", {})  # no client shared from an earlier test
     publisher = ArtifactPublisher(LocalSink(tmp_path), "job-1", uuid.uuid4(), ("job:job-1",))
     final = StoredObject(uri=str(tmp_path / "job-1/final.mp4"), size=1, sha256="0" * 64, key="job-1/final.mp4")
     with caplog.at_level(logging.WARNING):
