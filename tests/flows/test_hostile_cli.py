@@ -81,8 +81,17 @@ def as_options(job: dict[str, Any], dest: Path) -> list[str]:
     return [*args, f"--dest={dest}"]
 
 
+# The generation field each defect breaks: a None there is an option left out on the command line, which the CLI
+# fills with its default (a valid plan), so such a case has no command-line form.
+_DEFECT_FIELD = {"mode": "mode", "duration": "duration", "aspect": "aspect_ratio", "model": "model_name",
+                 "cfg": "cfg_scale"}
+
+
 def _expressible(broken: Broken) -> bool:
     values = [*broken.job["generate"].values(), *(broken.job.get(k) for k in ("take", "max_credits", "job_id"))]
+    field = _DEFECT_FIELD.get(broken.defect)
+    if field is not None and broken.job["generate"].get(field) is None:
+        return False
     return broken.defect in CLI_DEFECTS and all(
         v is None or (isinstance(v, str) and "\x00" not in v) or (isinstance(v, int | float) and not isinstance(
             v, bool) and not (isinstance(v, float) and math.isinf(v))) for v in values)
