@@ -12,7 +12,6 @@ them, and a crash during one is redone from the stored clips with the same bytes
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from kling_tasks.continuation.stitch import stitch_clips
 from kling_tasks.jobs import PlannedStep
 from kling_tasks.manifest import frame_key, step_key
 from kling_tasks.step_results import StartImage
-from kling_tasks.steps import retry_if_storage_transient, store_proven
+from kling_tasks.steps import PERSISTED, retry_if_storage_transient, store_proven
 from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
+from kling_tasks.storage.base import sha256_of
 
-_PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
 _STORAGE_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
                                     "retry_condition_fn": retry_if_storage_transient}
 
@@ -65,17 +64,15 @@ def fetch_clip(sink: Sink, clip: StoredObject, folder: Path) -> Path:
     path = folder / Path(clip.key).name
     if not sink.fetch_file(clip.key, path):
         raise StorageError(f"{clip.uri} is gone; rerun to store it again", retryable=False)
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    if digest.hexdigest() != clip.sha256:
+        _, sha256 = sha256_of(fh)
+    if sha256 != clip.sha256:
         raise StorageError(f"{clip.uri} changed since it was stored; rerun to store it again", retryable=False)
     return path
 
 
 @task(name="last-frame", task_run_name="last-frame-for-{step.label}", cache_key_fn=frame_cache_key,
-      **_PERSISTED, **_STORAGE_RETRIES)
+      **PERSISTED, **_STORAGE_RETRIES)
 async def start_frame_step(job_id: str, step: PlannedStep, clip: StoredObject, dest: str,
                            account: str) -> StoredObject:
     """The previous clip's last frame, as the JPEG this continuation will send, stored as frame-NN.jpg."""
@@ -94,7 +91,7 @@ async def start_frame_step(job_id: str, step: PlannedStep, clip: StoredObject, d
     return stored
 
 
-@task(name="stitch", task_run_name="stitch-{step.label}", cache_key_fn=stitch_cache_key, **_PERSISTED,
+@task(name="stitch", task_run_name="stitch-{step.label}", cache_key_fn=stitch_cache_key, **PERSISTED,
       **_STORAGE_RETRIES)
 async def stitch_step(job_id: str, step: PlannedStep, task_id: str, clips: list[StoredObject], dest: str,
                       account: str, proven_sha256: str | None = None) -> Stitched:

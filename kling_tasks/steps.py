@@ -96,7 +96,7 @@ def names_its_step(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-_PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
+PERSISTED: dict[str, Any] = {"persist_result": True, "result_serializer": "json", "refresh_cache": False}
 
 
 def _ledger(job_id: str) -> recorder.JobRecorder | None:
@@ -124,7 +124,7 @@ def kling_client(settings: KlingSettings) -> KlingClient:
     return client
 
 
-@task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **_PERSISTED)
+@task(name="submit", task_run_name="{step.name}", cache_key_fn=submit_cache_key, **PERSISTED)
 @names_its_step
 async def submit_step(
     job_id: str, step: PlannedStep, generation: GenerationSpec, parent: Rendered | None, account: str, *,
@@ -190,7 +190,7 @@ def step_length_key(step: PlannedStep, generation: GenerationSpec) -> str:
     return task_lengths.length_key(step.kind, generation.model_name, generation.mode, duration)
 
 
-@task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **_PERSISTED)
+@task(name="wait", task_run_name="wait-{step.name}", cache_key_fn=wait_cache_key, **PERSISTED)
 @names_its_step
 async def wait_step(job_id: str, step: PlannedStep, kind: TaskKind, task_id: str, account: str,
                     length_key: str | None = None) -> Rendered:
@@ -249,7 +249,7 @@ def is_this_tasks(obj: StoredObject | None, task_id: str, proven_sha256: str | N
     return proven_sha256 is not None and obj.sha256 == proven_sha256
 
 
-@task(name="store", task_run_name="store-{step.label}", cache_key_fn=store_cache_key, **_PERSISTED,
+@task(name="store", task_run_name="store-{step.label}", cache_key_fn=store_cache_key, **PERSISTED,
       retries=4, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
       retry_condition_fn=retry_if_storage_transient)
 @names_its_step
