@@ -1,8 +1,11 @@
-"""Rerun of a finished job as a CLI process: wall time, and the requests it sends to Kling.
+"""Rerun of a finished job as a CLI process: wall time, the requests it sends to Kling, and which path served it.
 
 `kling-pipeline run` (a child process, as a user types it) makes a 1 + N job into a local folder; then the same
-command runs again --reruns times. Each rerun's wall time (process start, imports and the flow included) and
-its Kling requests (the emulator's counts before and after: creates, and every request) are recorded.
+command runs again --reruns times. A finished job's rerun is served from its proven manifest (the fast path in
+kling_tasks/finished.py: no Prefect import, no flow run); one more rerun with `--no-fast-path` times the flow's
+path (every step Cached) beside it. Each rerun's wall time (process start, imports and the flow included) and
+its Kling requests (the emulator's counts before and after: creates, and every request) are recorded, and the
+floor: `kling-pipeline --help`, a process that only imports the CLI.
 
     .venv/bin/python bench/rerun.py            # 1 + 3, 3 reruns
     .venv/bin/python bench/rerun.py --quick    # 1 + 1, 1 rerun
@@ -25,23 +28,45 @@ import common
 PROMPT = "a kite over a windy beach"
 
 
-def cli(job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path) -> float:
-    args = [str(common.BIN / "kling-pipeline"), "run", "--prompt", PROMPT, "--dest", dest, "--job-id", job_id]
+FAST_LINE = b"served from its proven manifest"  # the fast path's line on stderr (flows/cli.py)
+
+
+def cli(job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path, *extra: str) -> tuple[float, bool]:
+    """One `kling-pipeline run` process: its wall time, and whether the fast path served it."""
+    args = [str(common.BIN / "kling-pipeline"), "run", "--prompt", PROMPT, "--dest", dest, "--job-id", job_id, *extra]
     for i in range(extensions):
         args += ["--extend", f"the kite dives, part {i + 1}"]
     start = time.monotonic()
-    with log.open("ab") as err:
-        done = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=err, timeout=600, check=False,
-                              start_new_session=True)
+    done = subprocess.run(args, env=env, capture_output=True, timeout=600, check=False,
+                          start_new_session=True)
     took = time.monotonic() - start
+    with log.open("ab") as err:
+        err.write(done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"kling-pipeline run exited {done.returncode}; see {log}")
-    return took
+    return took, FAST_LINE in done.stderr
+
+
+def timed_rerun(emu: common.Emulator, job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path,
+                *extra: str) -> dict[str, Any]:
+    creates0, requests0 = counts(emu)
+    took, fast = cli(job_id, extensions, dest, env, log, *extra)
+    creates1, requests1 = counts(emu)
+    return {"wall_s": round(took, 2), "creates": creates1 - creates0, "kling_requests": requests1 - requests0,
+            "fast_path": fast}
 
 
 def counts(emu: common.Emulator) -> tuple[int, int]:
     stats = emu.stats()
     return sum(stats["create_attempts"].values()), sum(stats["requests"].values())
+
+
+def help_seconds(env: dict[str, str]) -> float:
+    """The floor: a process that imports the CLI (typer, pydantic, the plan and storage modules) and exits."""
+    start = time.monotonic()
+    subprocess.run([str(common.BIN / "kling-pipeline"), "--help"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    return time.monotonic() - start
 
 
 def main() -> None:
@@ -65,22 +90,17 @@ def main() -> None:
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **common.kling_env(emu.base_url, scale)}
         job_id, dest = f"bench-rerun-{uuid.uuid4().hex[:6]}", str(tmp / "out")
         print(f"first run: 1 + {args.extensions} ...", flush=True)
-        results["first_run_s"] = round(cli(job_id, args.extensions, dest, env, tmp / "cli.log"), 2)
+        results["first_run_s"] = round(cli(job_id, args.extensions, dest, env, tmp / "cli.log")[0], 2)
         runs = []
         for i in range(args.reruns):
-            creates0, requests0 = counts(emu)
-            took = cli(job_id, args.extensions, dest, env, tmp / "cli.log")
-            creates1, requests1 = counts(emu)
-            runs.append({"wall_s": round(took, 2), "creates": creates1 - creates0,
-                         "kling_requests": requests1 - requests0})
-            print(f"rerun {i + 1}: {took:.2f} s, {creates1 - creates0} creates, {requests1 - requests0} Kling requests",
-                  flush=True)
+            runs.append(timed_rerun(emu, job_id, args.extensions, dest, env, tmp / "cli.log"))
+            print(f"rerun {i + 1}: {runs[-1]}", flush=True)
         results["reruns"] = runs
         results["rerun_wall_s_median"] = round(statistics.median(r["wall_s"] for r in runs), 2)
-        start = time.monotonic()
-        subprocess.run([str(common.BIN / "kling-pipeline"), "--help"], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-        results["cli_help_s"] = round(time.monotonic() - start, 2)
+        flow = timed_rerun(emu, job_id, args.extensions, dest, env, tmp / "cli.log", "--no-fast-path")
+        print(f"rerun with --no-fast-path (a flow run): {flow}", flush=True)
+        results["flow_rerun"] = flow
+        results["cli_help_s"] = round(statistics.median(help_seconds(env) for _ in range(3)), 2)
     path = common.write_result("rerun-quick" if args.quick else "rerun", results)
     print(f"wrote {path.relative_to(common.ROOT)}")
 

@@ -68,6 +68,8 @@ Adopt = Annotated[list[str] | None, typer.Option(
 AssumeNotCreated = Annotated[list[str] | None, typer.Option(
     "--assume-not-created", metavar="EXTERNAL_ID",
     help="A create whose outcome was unknown made nothing (checked in the console): pay for it again.")]
+NoFastPath = Annotated[bool, typer.Option(
+    "--no-fast-path", help="Run the flow even when the job's manifest and stored final.mp4 prove it finished.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -171,13 +173,37 @@ def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = N
         max_seconds: MaxSeconds = MAX_EXTENDED_SECONDS, sound: Sound = None, replace: Replace = False,
         resubmit_failed: Annotated[bool, typer.Option("--resubmit-failed",
                                                       help="Pay for a new attempt of a failed step.")] = False,
-        adopt: Adopt = None, assume_not_created: AssumeNotCreated = None,
+        adopt: Adopt = None, assume_not_created: AssumeNotCreated = None, no_fast_path: NoFastPath = False,
         ) -> None:
     """Generate, extend and store a video; prints the final video's URI last."""
     job = build_job(prompt, negative_prompt, image, extend, model, mode, duration, aspect_ratio, cfg_scale,
                     dest, job_id, max_credits, take, continuation, max_seconds, sound)
-    uri = execute(job, resubmit_failed, replace, parse_adopt(adopt), assume_not_created)
+    settlements = parse_adopt(adopt)
+    # Only a plain rerun may be served from the ledger: every one of these flags asks the flow to change something.
+    if not (no_fast_path or replace or resubmit_failed or settlements or assume_not_created):
+        uri = served_from_ledger(job)
+        if uri is not None:
+            print(uri)
+            return
+    uri = execute(job, resubmit_failed, replace, settlements, assume_not_created)
     print(uri)
+
+
+def served_from_ledger(job: VideoJob) -> str | None:
+    """A finished job's final URI when its manifest and stored final.mp4 prove it (kling_tasks.finished): no
+    Prefect import, no flow run, no Kling request. None sends the caller down the normal path."""
+    from kling_tasks.finished import proven_final
+
+    try:
+        verdict = proven_final(job, load_settings())
+    except Exception:  # an optimisation only: whatever stops it, the flow decides (and reports)
+        return None
+    if verdict.final is None:
+        return None
+    err.print(f"job {job.effective_job_id()} is finished: served from its proven manifest (final.mp4 is its last "
+              "task's video), no flow run; pass --no-fast-path to run the flow anyway", highlight=False,
+              soft_wrap=True)
+    return verdict.final.uri
 
 
 @app.command()
