@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import time
@@ -31,29 +32,36 @@ PROMPT = "a kite over a windy beach"
 FAST_LINE = b"served from its proven manifest"  # the fast path's line on stderr (flows/cli.py)
 
 
-def cli(job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path, *extra: str) -> tuple[float, bool]:
-    """One `kling-pipeline run` process: its wall time, and whether the fast path served it."""
+def child_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: what a run costs, whatever the load."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cli(job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path,
+        *extra: str) -> tuple[float, float, bool]:
+    """One `kling-pipeline run` process: its wall time, its CPU time, and whether the fast path served it."""
     args = [str(common.BIN / "kling-pipeline"), "run", "--prompt", PROMPT, "--dest", dest, "--job-id", job_id, *extra]
     for i in range(extensions):
         args += ["--extend", f"the kite dives, part {i + 1}"]
-    start = time.monotonic()
+    start, cpu = time.monotonic(), child_cpu()
     done = subprocess.run(args, env=env, capture_output=True, timeout=600, check=False,
                           start_new_session=True)
-    took = time.monotonic() - start
+    took, cpu = time.monotonic() - start, child_cpu() - cpu
     with log.open("ab") as err:
         err.write(done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"kling-pipeline run exited {done.returncode}; see {log}")
-    return took, FAST_LINE in done.stderr
+    return took, cpu, FAST_LINE in done.stderr
 
 
 def timed_rerun(emu: common.Emulator, job_id: str, extensions: int, dest: str, env: dict[str, str], log: Path,
                 *extra: str) -> dict[str, Any]:
     creates0, requests0 = counts(emu)
-    took, fast = cli(job_id, extensions, dest, env, log, *extra)
+    took, cpu, fast = cli(job_id, extensions, dest, env, log, *extra)
     creates1, requests1 = counts(emu)
-    return {"wall_s": round(took, 2), "creates": creates1 - creates0, "kling_requests": requests1 - requests0,
-            "fast_path": fast}
+    return {"wall_s": round(took, 2), "cpu_s": round(cpu, 2), "creates": creates1 - creates0,
+            "kling_requests": requests1 - requests0, "fast_path": fast}
 
 
 def counts(emu: common.Emulator) -> tuple[int, int]:
@@ -61,12 +69,12 @@ def counts(emu: common.Emulator) -> tuple[int, int]:
     return sum(stats["create_attempts"].values()), sum(stats["requests"].values())
 
 
-def help_seconds(env: dict[str, str]) -> float:
+def help_seconds(env: dict[str, str]) -> tuple[float, float]:
     """The floor: a process that imports the CLI (typer, pydantic, the plan and storage modules) and exits."""
-    start = time.monotonic()
+    start, cpu = time.monotonic(), child_cpu()
     subprocess.run([str(common.BIN / "kling-pipeline"), "--help"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
-    return time.monotonic() - start
+    return time.monotonic() - start, child_cpu() - cpu
 
 
 def main() -> None:
@@ -97,10 +105,13 @@ def main() -> None:
             print(f"rerun {i + 1}: {runs[-1]}", flush=True)
         results["reruns"] = runs
         results["rerun_wall_s_median"] = round(statistics.median(r["wall_s"] for r in runs), 2)
+        results["rerun_cpu_s_median"] = round(statistics.median(r["cpu_s"] for r in runs), 2)
         flow = timed_rerun(emu, job_id, args.extensions, dest, env, tmp / "cli.log", "--no-fast-path")
         print(f"rerun with --no-fast-path (a flow run): {flow}", flush=True)
         results["flow_rerun"] = flow
-        results["cli_help_s"] = round(statistics.median(help_seconds(env) for _ in range(3)), 2)
+        floor = [help_seconds(env) for _ in range(3)]
+        results["cli_help_s"] = round(statistics.median(wall for wall, _ in floor), 2)
+        results["cli_help_cpu_s"] = round(statistics.median(cpu for _, cpu in floor), 2)
     path = common.write_result("rerun-quick" if args.quick else "rerun", results)
     print(f"wrote {path.relative_to(common.ROOT)}")
 
