@@ -8,6 +8,7 @@ falls through to the normal path, which does what it always did.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +21,9 @@ import boto3
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli import app, build_job
+from kling_tasks.finished import proven_final
+from kling_tasks.settings import load_settings
 
 FAST_LINE = "served from its proven manifest"
 BUCKET = "fast-rerun"
@@ -29,16 +32,19 @@ CHILD = """
 import atexit, sys
 out = sys.argv.pop(1)
 atexit.register(lambda: open(out, "w").write("\\n".join(sorted(sys.modules))))
-from flows.cli import app
+from flows.cli import app, build_job
+from kling_tasks.finished import proven_final
+from kling_tasks.settings import load_settings
 app(prog_name="kling-pipeline")
 """
 
-pytestmark = pytest.mark.usefixtures("kling_env")
+# Kling's latencies at 1/1000: a step is ~0.3 s, the tests stay short.
+pytestmark = [pytest.mark.usefixtures("kling_env"), pytest.mark.emulator(time_scale=0.001)]
 
 
-def job_args(dest: str, job_id: str, *extra: str) -> list[str]:
-    return ["run", "--prompt", "a heron in the reeds", "--extend", "it takes off", "--dest", dest,
-            "--job-id", job_id, *extra]
+def job_args(dest: str, job_id: str, *extra: str, extend: bool = True) -> list[str]:
+    more = ["--extend", "it takes off"] if extend else []
+    return ["run", "--prompt", "a heron in the reeds", *more, "--dest", dest, "--job-id", job_id, *extra]
 
 
 def run_here(args: list[str]) -> Any:
@@ -96,6 +102,14 @@ def test_a_finished_job_in_a_folder_is_served_from_its_manifest(
     assert forced.exit_code == 0, forced.output
     assert FAST_LINE not in forced.stderr
     assert forced.stdout.strip().splitlines()[-1] == uri
+    # A settlement flag is a request to the flow, never served from the ledger: here the flow's checks refuse it.
+    for flag in (["--adopt", "nope=123"], ["--assume-not-created", "nope"]):
+        settled = run_here(job_args(dest, job_id, *flag))
+        assert settled.exit_code == 2, settled.output
+        assert "not an external_task_id of this plan" in settled.stderr and FAST_LINE not in settled.stderr
+    # What the flow's checks refuse is not served either: a budget below the plan's estimate.
+    over = run_here(job_args(dest, job_id, "--max-credits", "0.5"))
+    assert over.exit_code == 2 and "over max_credits 0.5" in over.stderr and FAST_LINE not in over.stderr
 
     # The ledger of another account, or another spec under this job id: the normal path refuses, as before.
     manifest_path = folder / "manifest.json"
@@ -118,29 +132,36 @@ def test_a_finished_job_on_s3_is_served_and_a_failed_or_tampered_one_runs_the_fl
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket=BUCKET)
     dest, job_id = f"s3://{BUCKET}/v", f"heron-{uuid.uuid4().hex[:8]}"
-    first = run_here(job_args(dest, job_id))
+    args = job_args(dest, job_id, extend=False)  # one step: the S3 proof is the same for one as for many
+    first = run_here(args)
     assert first.exit_code == 0, first.output
     uri = first.stdout.strip().splitlines()[-1]
     assert uri == f"{dest}/{job_id}/final.mp4"
     paid, requests = creates(emulator), emulator.stats()["requests"]
 
-    done, modules = run_child(job_args(dest, job_id), prefect_server, tmp_path)
+    done, modules = run_child(args, prefect_server, tmp_path)
     assert_served_fast(done, modules, uri, emulator, requests)
 
-    # final.mp4 replaced by step 0's object (its own sha256 and task id in its metadata): not this job's final.
-    final, step0 = f"v/{job_id}/final.mp4", f"v/{job_id}/step-00.mp4"
-    s3.copy_object(Bucket=BUCKET, Key=final, CopySource={"Bucket": BUCKET, "Key": step0}, MetadataDirective="COPY")
-    manifest_key = f"v/{job_id}/manifest.json"
-    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
-    # and the ledger says the job failed: not finished either way.
-    s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps({**manifest, "status": "failed"}).encode())
-    again = run_here(job_args(dest, job_id))
+    # Another task's video under final.mp4, carrying its own sha256 and task id, as any stored step does: the
+    # verdict names it, and the run falls through to the flow, which puts the last step's video back.
+    final, manifest_key = f"v/{job_id}/final.mp4", f"v/{job_id}/manifest.json"
+    other = b"another task's video"
+    s3.put_object(Bucket=BUCKET, Key=final, Body=other,
+                  Metadata={"sha256": hashlib.sha256(other).hexdigest(), "task_id": "another-task"})
+    job = build_job("a heron in the reeds", None, None, None, "kling-v1", "std", "5", "16:9", None, dest, job_id,
+                    None)
+    assert proven_final(job, load_settings()).reason == "final.mp4 is not the video the manifest records"
+    again = run_here(args)
     assert again.exit_code == 0, again.output
     assert FAST_LINE not in again.stderr
     assert again.stdout.strip().splitlines()[-1] == uri
+    manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
     last = manifest["steps"][-1]
     head = s3.head_object(Bucket=BUCKET, Key=final)["Metadata"]
     assert (head["task_id"], head["sha256"]) == (last["task_id"], last["sha256"]), "the flow put the final back"
-    rewritten = json.loads(s3.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
-    assert rewritten["status"] == "succeeded"
+    assert proven_final(job, load_settings()).final is not None
     assert creates(emulator) == paid
+
+    # A ledger that says the job failed is not finished, whatever final.mp4 holds.
+    s3.put_object(Bucket=BUCKET, Key=manifest_key, Body=json.dumps({**manifest, "status": "failed"}).encode())
+    assert proven_final(job, load_settings()).reason == "the job is failed"
