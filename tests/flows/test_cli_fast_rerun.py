@@ -67,6 +67,8 @@ def assert_served_fast(done: subprocess.CompletedProcess[str], modules: set[str]
     assert not {m for m in modules if m == "prefect" or m.startswith("prefect.")}, "the fast path imported Prefect"
     assert "flows.video" not in modules
     assert emulator.stats()["requests"] == requests_before, "the fast path sent a request to Kling"
+    for secret in (os.environ["KLING_ACCESS_KEY"], os.environ["KLING_SECRET_KEY"]):
+        assert secret not in done.stdout + done.stderr
 
 
 def creates(emulator: Any) -> int:
