@@ -71,7 +71,7 @@ class GenerationSpec(BaseModel):
     sound: Literal["on", "off"] | None = Field(
         default=None, description="Native audio (kling-v2-6 pro, kling-v3); continuations keep it.")
 
-    _image_digest: str | None = PrivateAttr(default=None)
+    _image_digest: tuple[str, str] | None = PrivateAttr(default=None)  # (image, its digest)
 
     @property
     def kind(self) -> StepKind:
@@ -79,9 +79,11 @@ class GenerationSpec(BaseModel):
 
     def image_digest(self) -> str | None:
         """The image's identity (kling_tasks.image_sources.image_digest), read once per spec object."""
-        if self.image is not None and self._image_digest is None:
-            self._image_digest = image_sources.image_digest(self.image)
-        return self._image_digest
+        if self.image is None:
+            return None
+        if self._image_digest is None or self._image_digest[0] != self.image:
+            self._image_digest = (self.image, image_sources.image_digest(self.image))
+        return self._image_digest[1]
 
     @model_serializer(mode="wrap")
     def _image_as_stored(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
