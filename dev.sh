@@ -32,7 +32,7 @@ case "$cmd" in
         .venv/bin/ruff check .
         .venv/bin/mypy
         # Two workers, one test file each at a time (files share module-scoped servers); -n 0 runs in-process.
-        exec .venv/bin/pytest -n 2 --dist loadfile "$@"
+        exec .venv/bin/pytest -n 2 --dist loadfile --durations=30 "$@"
         ;;
     *)
         echo "usage: ./dev.sh demo | ./dev.sh test [pytest args]" >&2

@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from flows.video import produce_video, run_date
 from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
 from kling_tasks.identity import account_fingerprint, digest
+from kling_tasks.image_sources import is_signed
 from kling_tasks.jobs import PlanError, VideoJob, check_folder_id, plan_job
 from kling_tasks.jobs_file import JobsFileError, check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
@@ -112,6 +113,16 @@ def check_batch(jobs: list[VideoJob], settings: KlingSettings, max_credits: floa
             raise PlanError(f"job {number} ({job.effective_job_id()}): {exc}") from None
     check_batch_budget(jobs, max_credits)
     return sum(plan_job(job).estimated_credits for job in jobs)
+
+
+def check_handover(jobs: list[VideoJob]) -> None:
+    """A job run by another worker reads its parameters from Prefect, where a presigned URL's signature is
+    withheld (kling_tasks.image_sources): refused here, before any request, rather than on that worker."""
+    for number, job in enumerate(jobs, start=1):
+        if job.generate.image is not None and is_signed(job.generate.image):
+            raise PlanError(f"job {number} ({job.effective_job_id()}): a presigned image URL cannot be handed "
+                            "to another worker without storing its signature in Prefect; give the image as "
+                            "s3://bucket/key (read and sent inline) or run the batch without via_deployment")
 
 
 async def approve_spending(estimate: float, approve_above: float | None) -> None:
@@ -216,6 +227,8 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
         check_folder_id(batch_id, "batch_id")
     batch = resolve_jobs(jobs, jobs_file, dest, run_date())
     estimate = check_batch(batch, settings, max_credits, resubmit_failed)
+    if via_deployment:
+        check_handover(batch)
     account = account_fingerprint(settings)
     manifest = BatchManifest(
         batch_id=batch_id or derived_batch_id(batch), account=account, estimated_credits=estimate,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 from kling_tasks.settings import KlingSettings
 
@@ -29,20 +28,12 @@ def digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def image_digest(image: str | None) -> str | None:
-    """A local image is identified by its bytes (a renamed file is the same input), a URL by itself."""
-    if image is None:
-        return None
-    if image.startswith(("http://", "https://")):
-        return "url:" + hashlib.sha256(image.encode()).hexdigest()
-    return "sha256:" + hashlib.sha256(Path(image).expanduser().read_bytes()).hexdigest()
-
-
-def generation_content(spec: dict[str, object], image: str | None, take: int) -> dict[str, object]:
-    """Step 0's content: its non-default fields, the image's digest, and the take when it is not the first."""
+def generation_content(spec: dict[str, object], image_digest: str | None, take: int) -> dict[str, object]:
+    """Step 0's content: its non-default fields, the image's digest (kling_tasks.image_sources), and the take
+    when it is not the first."""
     content: dict[str, object] = {key: value for key, value in spec.items() if key != "image"}
-    if image is not None:
-        content["image"] = image_digest(image)
+    if image_digest is not None:
+        content["image"] = image_digest
     if take != 1:
         content["take"] = take
     return content

@@ -1,6 +1,7 @@
 """The user's plan: what to generate, how to extend it, where to store it, and what it may cost.
 
-Everything here is pure (no HTTP, no Prefect) so a plan can be validated and priced before anything is paid.
+No Prefect and no Kling: a plan is validated and priced before anything is paid. The one read is the start
+image's (a file or an S3 object), whose bytes are part of the generation's identity.
 """
 
 from __future__ import annotations
@@ -9,19 +10,25 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
-from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
-from kling_tasks import identity
+from kling_tasks import identity, image_sources
 from kling_tasks.api.catalog import (
     EXTENDABLE_MODELS,
     I2V_MODELS,
-    IMAGE_SUFFIXES,
     MAX_EXTENDED_SECONDS,
-    MAX_IMAGE_BYTES,
     MAX_SECONDS_PER_EXTENSION,
     PROMPT_MAX,
     SOUND_MODES,
@@ -29,6 +36,10 @@ from kling_tasks.api.catalog import (
     extension_credits,
     generation_credits,
 )
+
+# Re-exported: where the rest of the package has always imported them from.
+from kling_tasks.image_sources import public_image as public_image
+from kling_tasks.plan_error import PlanError as PlanError
 
 DATE_PLACEHOLDER = "{date}"
 # Matched whole (fullmatch: `$` alone would let a trailing newline through into folder names and S3 keys).
@@ -40,18 +51,6 @@ Continuation = Literal["auto", "extend", "last-frame"]
 StepSource = Literal["generate", "extend", "last-frame"]
 
 
-class PlanError(ValueError):
-    """The plan cannot run as given. Raised before any request is sent."""
-
-
-def public_image(image: str) -> str:
-    """An image as it may be shown (manifests, reprs): a URL without its query, fragment or user info (a
-    presigned URL's signature and session token, a basic-auth password); a local path as it is."""
-    if not image.startswith(("http://", "https://")):
-        return image
-    parts = urlsplit(image)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=host, query="", fragment=""))
 
 
 class GenerationSpec(BaseModel):
@@ -62,8 +61,8 @@ class GenerationSpec(BaseModel):
     prompt: str = Field(min_length=1, max_length=PROMPT_MAX)
     negative_prompt: str | None = Field(default=None, max_length=PROMPT_MAX)
     # min_length: an empty image was neither image2video nor text2video (its digest read the folder ".")
-    image: str | None = Field(default=None, min_length=1,
-                              description="Local .jpg/.png path or http(s) URL: image2video.")
+    image: str | None = Field(default=None, min_length=1, description=(
+        "image2video from a local .jpg/.png path or s3://bucket/key (both sent inline), or an http(s) URL."))
     model_name: str = "kling-v1"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
@@ -72,9 +71,27 @@ class GenerationSpec(BaseModel):
     sound: Literal["on", "off"] | None = Field(
         default=None, description="Native audio (kling-v2-6 pro, kling-v3); continuations keep it.")
 
+    _image_digest: tuple[str, str] | None = PrivateAttr(default=None)  # (image, its digest)
+
     @property
     def kind(self) -> StepKind:
         return "image2video" if self.image else "text2video"
+
+    def image_digest(self) -> str | None:
+        """The image's identity (kling_tasks.image_sources.image_digest), read once per spec object."""
+        if self.image is None:
+            return None
+        if self._image_digest is None or self._image_digest[0] != self.image:
+            self._image_digest = (self.image, image_sources.image_digest(self.image))
+        return self._image_digest[1]
+
+    @model_serializer(mode="wrap")
+    def _image_as_stored(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # JSON is what Prefect stores as a flow run's parameters: a presigned URL's signature stays in memory.
+        data = handler(self)
+        if info.mode_is_json() and isinstance(data, dict) and isinstance(data.get("image"), str):
+            data["image"] = image_sources.withheld(data["image"])
+        return data
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():  # a repr ends up in tracebacks and logs
@@ -149,7 +166,7 @@ class VideoJob(BaseModel):
         says so; video-extend steps keep the content (and so the ids) they had before continuations existed.
         """
         generation = identity.generation_content(
-            self.generate.model_dump(mode="json", exclude_defaults=True), self.generate.image, self.take)
+            self.generate.model_dump(mode="json", exclude_defaults=True), self.generate.image_digest(), self.take)
         via = {"via": "last-frame"} if self.resolved_continuation() == "last-frame" else {}
         return [generation, *({**ext.model_dump(mode="json", exclude_defaults=True), **via}
                               for ext in self.extensions)]
@@ -193,8 +210,10 @@ def check_capabilities(job: VideoJob) -> None:
     if gen.sound == "on" and (gen.model_name, gen.mode) not in SOUND_MODES:
         raise PlanError(f"model {gen.model_name!r} in {gen.mode} mode makes no sound; sound needs one of "
                         f"{', '.join(f'{model} {mode}' for model, mode in sorted(SOUND_MODES))}")
-    if gen.image and not gen.image.startswith(("http://", "https://")):
-        check_image_file(gen.image)
+    if gen.image is not None and image_sources.is_url(gen.image):
+        image_sources.check_url(gen.image)
+    elif gen.image is not None:
+        gen.image_digest()  # reading a file or an S3 object checks it: there, readable, an image, <= 10 MB
 
 
 def check_last_frame_chain(job: VideoJob) -> None:
@@ -229,29 +248,6 @@ def check_extend_chain(job: VideoJob) -> None:
         )
 
 
-def check_image_file(image: str) -> None:
-    """A local image must be a readable .jpg/.jpeg/.png of at most 10 MB (Kling's limit on what is sent)."""
-    try:
-        path = Path(image).expanduser()
-    except RuntimeError:  # `~name/...` of a user that does not exist: was a traceback
-        raise PlanError(f"image file {image!r} cannot be found: no home directory for its '~'") from None
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise PlanError(f"image {image!r} must be a .jpg, .jpeg or .png file or an http(s) URL")
-    try:
-        size = path.stat().st_size
-        with path.open("rb"):
-            pass
-    except FileNotFoundError:
-        raise PlanError(f"image file {image!r} does not exist") from None
-    except OSError as exc:
-        raise PlanError(f"image file {image!r} cannot be read: {exc.strerror or exc}") from None
-    if not path.is_file():
-        raise PlanError(f"image {image!r} is not a file")
-    if size > MAX_IMAGE_BYTES:
-        raise PlanError(f"image file {image!r} is {size / 1e6:.1f} MB; Kling accepts at most "
-                        f"{MAX_IMAGE_BYTES / 1024 / 1024:.0f} MB")
-
-
 @dataclass(frozen=True)
 class PlannedStep:
     index: int
@@ -265,6 +261,7 @@ class PlannedStep:
     cfg_scale: float | None
     attempt: int
     source: StepSource = "generate"
+    image_digest: str | None = None  # the generation's image as planned: the submit sends only those bytes
 
     @property
     def label(self) -> str:
@@ -327,7 +324,8 @@ def plan_job(job: VideoJob, attempts: dict[int, int] | None = None) -> Plan:
             index=index, kind=kind, name=name,
             external_task_id=identity.external_task_id(job.namespace(), index, chain),
             content_digest=identity.content_digest(content), estimated_credits=credits,
-            prompt=prompt, negative_prompt=negative, cfg_scale=cfg, attempt=attempt, source=source))
+            prompt=prompt, negative_prompt=negative, cfg_scale=cfg, attempt=attempt, source=source,
+            image_digest=gen.image_digest() if index == 0 else None))
     return Plan(job_id=job.effective_job_id(), model_name=gen.model_name, mode=gen.mode, steps=tuple(steps),
                 continuation=continuation)
 

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kling_tasks.api import Image2VideoRequest, KlingError, Text2VideoRequest, VideoExtendRequest
+from kling_tasks.image_sources import is_url
 from kling_tasks.jobs import GenerationSpec, Plan, PlanError, PlannedStep, VideoJob
 from kling_tasks.settings import Provider
 from kling_tasks.step_results import Rendered
@@ -19,19 +20,21 @@ from kling_tasks.step_results import Rendered
 TaskRequest = Text2VideoRequest | Image2VideoRequest | VideoExtendRequest
 
 
-# What check_requests sends through the request models in place of a continuation's frame (not known yet):
-# a tiny valid JPEG header is enough, the models check the encoding and the size, not the picture.
+# What check_requests sends through the request models in place of a picture sent inline (a continuation's
+# frame is not known yet; a file's or S3 object's size and kind were checked by the plan): a tiny valid JPEG
+# header is enough, the models check the encoding and the size, not the picture.
 _PLANNED_FRAME = b"\xff\xd8\xff\xe0planned-frame\xff\xd9"
 
 
 def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendered | None,
-                  start_frame: bytes | None = None) -> TaskRequest:
-    """The create request of `step`; a last-frame continuation needs `start_frame` (the JPEG it starts from)."""
+                  picture: bytes | None = None) -> TaskRequest:
+    """The create request of `step`. `picture` is what an image2video step sends inline: a last-frame
+    continuation's start frame, or the generation's file or S3 image (a URL image is sent as the URL)."""
     if step.from_last_frame:
-        if start_frame is None:
+        if picture is None:
             raise ValueError(f"{step.name} needs the previous clip's last frame")
         return Image2VideoRequest(
-            image=base64.b64encode(start_frame).decode("ascii"), model_name=generation.model_name,
+            image=base64.b64encode(picture).decode("ascii"), model_name=generation.model_name,
             prompt=step.prompt, negative_prompt=step.negative_prompt, cfg_scale=step.cfg_scale,
             mode=generation.mode, duration=generation.duration, sound=generation.sound)
     if step.kind == "video-extend":
@@ -50,7 +53,11 @@ def build_request(step: PlannedStep, generation: GenerationSpec, parent: Rendere
     }
     if step.kind == "image2video":
         assert generation.image is not None
-        return Image2VideoRequest.from_source(generation.image, **common)
+        if is_url(generation.image):
+            return Image2VideoRequest(image=generation.image, **common)
+        if picture is None:
+            raise ValueError(f"{step.name} needs the bytes of {generation.image!r}")
+        return Image2VideoRequest(image=base64.b64encode(picture).decode("ascii"), **common)
     return Text2VideoRequest(aspect_ratio=generation.aspect_ratio, **common)
 
 

@@ -27,8 +27,9 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 from pydantic import SecretStr
 
-from kling_tasks import identity, recorder, task_lengths
+from kling_tasks import identity, image_sources, recorder, task_lengths
 from kling_tasks.api import BackPressureError, KlingClient, KlingError, TaskKind, TaskSnapshot
+from kling_tasks.image_sources import is_url
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import clip_key, step_key
@@ -136,8 +137,13 @@ async def submit_step(
     A last-frame continuation sends `start_image` (read from the sink, checked against its sha256)."""
     logger = get_run_logger()
     settings = load_settings()
-    frame = await asyncio.to_thread(read_start_image, start_image) if start_image is not None else None
-    request = build_request(step, generation, parent, frame)
+    if start_image is not None:
+        picture: bytes | None = await asyncio.to_thread(read_start_image, start_image)
+    elif step.index == 0 and generation.image and not is_url(generation.image):
+        picture = await asyncio.to_thread(read_planned_image, step, generation.image)
+    else:
+        picture = None
+    request = build_request(step, generation, parent, picture)
     ledger = _ledger(job_id)
 
     async def before_post() -> None:  # the write-ahead intent: a crash after the POST leaves it for the rerun
@@ -180,6 +186,16 @@ def read_start_image(image: StartImage) -> bytes:
     if data is None or hashlib.sha256(data).hexdigest() != image.sha256:
         raise StorageError(f"the start image {image.key} is gone or changed since it was extracted",
                            retryable=False)
+    return data
+
+
+def read_planned_image(step: PlannedStep, image: str) -> bytes:
+    """The generation's file or S3 image, only if it is still the picture the step's id was made from (else
+    the task would carry another picture than its id says: a rerun with the old picture would adopt it)."""
+    data = image_sources.read_image(image)
+    if "sha256:" + hashlib.sha256(data).hexdigest() != step.image_digest:
+        raise StorageError(f"the image {image} changed since the job was planned; run the job again (a new "
+                           "picture is a new task)", retryable=False)
     return data
 
 

@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 
 
-def result(name: str) -> dict[str, Any]:
-    return json.loads((RESULTS / f"{name}-quick.json").read_text())  # type: ignore[no-any-return]
+def result(name: str, output: str = "") -> dict[str, Any]:
+    path = RESULTS / f"{name}-quick.json"
+    assert path.exists(), f"bench part {name} wrote no figures; bench/run.py said:\n{output[-4000:]}"
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
 def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, tmp_path: Path) -> None:
@@ -26,20 +28,21 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--doc", str(doc)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
 
-    polling = result("polling")
+    polling = result("polling", output)
     policies = {r["policy"] for r in polling["measured"]}
     assert {"learned", "adaptive:5:15", "fixed:5", "fixed:10", "fixed:15"} <= policies
     assert all(r["polls"]["n"] > 0 and r["client_polls_match"] for r in polling["measured"])
     assert {m["policy"] for m in polling["model"]} == policies
-    overhead = result("overhead")
+    overhead = result("overhead", output)
     assert overhead["runs"] and all(r["succeeded"] == r["jobs"] for r in overhead["runs"])
     assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in overhead["runs"])
-    batch = result("batch")
+    batch = result("batch", output)
     assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
-    makespan = result("makespan")
+    makespan = result("makespan", output)
     assert [r["name"].split(" (")[0] for r in makespan["runs"]] == ["flow local", "rerun local"]
-    rerun = result("rerun")
+    rerun = result("rerun", output)
     assert rerun["reruns"] and all(r["creates"] == 0 for r in rerun["reruns"])  # a rerun never creates
 
     page = doc.read_text()

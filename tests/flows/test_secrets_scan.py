@@ -251,10 +251,6 @@ def test_no_secret_in_task_runs_state_messages_or_events(scan: Scan) -> None:
     assert leaks(scan, texts) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the flow's `job` parameter carries generate.image as given: a presigned image URL's signature and "
-    "session token are stored with the flow run (Prefect parameters). Fixing it needs flows/video.py to take "
-    "a reference it signs itself (e.g. s3://bucket/key presigned just before the create), see the report"))
 def test_no_secret_in_the_flow_run_parameters(scan: Scan) -> None:
     from prefect import get_client
 

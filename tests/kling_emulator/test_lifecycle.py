@@ -38,6 +38,8 @@ def test_statuses_progress_in_order_with_scaled_durations(kling: Any, tools: Any
     created = kling.create()
     assert created["task_status"] == "submitted"
     changes = changes_until_done(kling, "text2video", created["task_id"])
+    if changes[0]["task_status"] == "processing":  # a busy machine's first poll can come after the 10 % mark
+        changes.insert(0, created)
     assert [c["task_status"] for c in changes] == ["submitted", "processing", "succeed"]
     # On the emulator's clock: each task's latency is the scaled typical one x U(0.9, 1.1), the first 10 % of
     # it `submitted`. Only lower bounds: a late ticker on a busy machine may stamp a change later, never earlier.

@@ -7,9 +7,7 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
-from kling_tasks.identity import account_fingerprint, digest, external_task_id, image_digest, store_key, submit_key
+from kling_tasks.identity import account_fingerprint, digest, external_task_id, store_key, submit_key
 from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
 from kling_tasks.settings import KlingSettings
 
@@ -75,22 +73,6 @@ def test_ids_are_stable_across_releases() -> None:
     second_take = VideoJob(generate=GenerationSpec(prompt="a red kite"), take=2)
     assert [s.external_task_id for s in plan_job(second_take).steps] == ["kp-s0-bea44a2b008ff99a"]
     assert second_take.effective_job_id() == "job-1d1864405794"
-
-
-@pytest.mark.parametrize("url", ["http://cdn.test/kite.png", "https://cdn.test/kite.png"])
-def test_an_image_url_is_identified_by_itself_never_read_as_a_file(url: str) -> None:
-    assert image_digest(url) == "url:" + sha(url)
-    assert image_digest(url + "?v=2") != image_digest(url)
-
-
-def test_a_local_image_is_identified_by_its_bytes_not_its_name(tmp_path: Path) -> None:
-    one, renamed, edited = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
-    one.write_bytes(b"pixels")
-    renamed.write_bytes(b"pixels")
-    edited.write_bytes(b"pixels, retouched")
-    assert image_digest(str(one)) == image_digest(str(renamed)) == "sha256:" + sha(b"pixels")
-    assert image_digest(str(edited)) != image_digest(str(one))
-    assert image_digest(None) is None
 
 
 def test_every_take_and_every_attempt_is_its_own_task() -> None:

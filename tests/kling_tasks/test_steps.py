@@ -26,7 +26,7 @@ from kling_tasks.steps import (
     wait_cache_key,
     wait_step,
 )
-from kling_tasks.storage import DestinationError, DownloadError, LocalSink, StoredObject
+from kling_tasks.storage import DestinationError, DownloadError, LocalSink, StorageError, StoredObject
 
 SECRET_PROMPT = "a very private storyline"
 JOB = VideoJob(generate=GenerationSpec(prompt=SECRET_PROMPT), extensions=[ExtensionSpec(prompt="x")], job_id="j")
@@ -320,3 +320,14 @@ async def test_the_ledger_proves_a_store_only_for_the_task_it_recorded(tmp_path:
     assert store.calls == [({}, ("j", STEP, "video-extend", task_id, "s3://bucket/videos", ACCOUNT, proof, False))]
     record = ledger.record(STEP)
     assert (record.status, record.uri, record.size, record.sha256) == ("stored", fresh.uri, 9, "cc")
+
+
+def test_the_submit_sends_the_image_only_if_it_is_still_the_planned_picture(tmp_path: Path) -> None:
+    image = tmp_path / "kite.png"
+    image.write_bytes(b"\x89PNG the planned picture")
+    step = plan_job(VideoJob(generate=GenerationSpec(prompt="p", image=str(image)))).steps[0]
+    assert steps.read_planned_image(step, str(image)) == b"\x89PNG the planned picture"
+    image.write_bytes(b"\x89PNG another picture")  # edited between the plan and the submit
+    with pytest.raises(StorageError, match="changed since the job was planned") as raised:
+        steps.read_planned_image(step, str(image))
+    assert raised.value.retryable is False
