@@ -43,7 +43,8 @@ err = Console(stderr=True)
 
 Prompt = Annotated[str, typer.Option("--prompt", help="What the first clip shows.")]
 NegativePrompt = Annotated[str | None, typer.Option("--negative-prompt")]
-Image = Annotated[str | None, typer.Option("--image", help="image2video from a local .jpg/.png, s3://bucket/key or URL.")]
+Image = Annotated[str | None, typer.Option(
+    "--image", help="image2video from a local .jpg/.png, s3://bucket/key or URL.")]
 Extend = Annotated[list[str] | None, typer.Option("--extend", help="One extension prompt; repeatable.")]
 Model = Annotated[str, typer.Option("--model")]
 Mode = Annotated[str, typer.Option("--mode", help="std or pro")]
