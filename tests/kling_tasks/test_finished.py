@@ -10,7 +10,7 @@ import pytest
 
 from kling_tasks.finished import final_mismatch, proven_final
 from kling_tasks.identity import account_fingerprint
-from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, PlanError, VideoJob, plan_job
 from kling_tasks.manifest import Manifest, StepRecord, load_manifest, save_manifest
 from kling_tasks.settings import KlingSettings
 from kling_tasks.storage import LocalSink, S3Sink, StoredObject
@@ -19,14 +19,15 @@ SETTINGS = KlingSettings(access_key="ak-1", secret_key="sk-0123456789abcdef01234
 VIDEOS = [b"step zero's video", b"step zero and one"]
 
 
-def kite(dest: Path, *extensions: str) -> VideoJob:
-    return VideoJob(generate=GenerationSpec(prompt="a red kite"), dest=str(dest), job_id="kite",
+def kite(dest: Path, *extensions: str, image: str | None = None) -> VideoJob:
+    return VideoJob(generate=GenerationSpec(prompt="a red kite", image=image, model_name="kling-v1-6"),
+                    dest=str(dest), job_id="kite",
                     extensions=[ExtensionSpec(prompt=e) for e in extensions or ("it climbs",)])
 
 
-def finished(tmp_path: Path) -> tuple[VideoJob, LocalSink]:
+def finished(tmp_path: Path, image: str | None = None) -> tuple[VideoJob, LocalSink]:
     """A 1 + 1 job in a folder as a finished run leaves it: every step stored, final.mp4 = the last step's video."""
-    job, sink = kite(tmp_path), LocalSink(tmp_path)
+    job, sink = kite(tmp_path, image=image), LocalSink(tmp_path)
     plan = plan_job(job)
     steps = [StepRecord(index=s.index, name=s.name, kind=s.kind, external_task_id=s.external_task_id,
                         content_digest=s.content_digest, task_id=f"task-{s.index}", status="stored",
@@ -114,3 +115,13 @@ def test_on_s3_the_final_must_carry_the_last_steps_task_id(tmp_path: Path) -> No
     assert final_mismatch(s3, manifest, obj("task-1", "0" * 64)) == "final.mp4 is not the video the manifest records"
     manifest.final_uri = "s3://videos/elsewhere/final.mp4"
     assert final_mismatch(s3, manifest, obj("task-1")) == "final.mp4 is not where the manifest says the final video is"
+
+
+def test_an_image_job_is_proven_until_its_image_changes(tmp_path: Path) -> None:
+    photo = tmp_path / "kite.png"
+    photo.write_bytes(b"the image's bytes")
+    job, _ = finished(tmp_path, image=str(photo))
+    assert proven_final(job, SETTINGS).final is not None
+    photo.write_bytes(b"another image, same name")  # the same command now asks for another video
+    with pytest.raises(PlanError, match="belongs to another job"):  # what the flow refuses (the CLI's exit 2)
+        proven_final(kite(tmp_path, image=str(photo)), SETTINGS)
