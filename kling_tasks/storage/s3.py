@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -32,13 +33,14 @@ from .base import (
     content_type_for,
 )
 from .download import fetch_to
-from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload
+from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, TAGGING_REFUSED, ManagedUpload, Upload
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 T = TypeVar("T")
@@ -46,7 +48,13 @@ log = logging.getLogger(__name__)
 
 
 class S3Sink:
-    """Objects under `s3://bucket/prefix/{key}`; sha256 and the caller's ids go into user metadata."""
+    """Objects under `s3://bucket/prefix/{key}`.
+
+    The caller's ids (task_id, job_id, step) go into user metadata from the start. The sha256 goes into the
+    metadata too when the body is one PutObject; a multipart object gets it as the object tag `sha256` once
+    complete (its metadata is fixed when it is created), or, on a store that refuses tags, into its metadata
+    by an in-place copy. `head()` reads it from either place.
+    """
 
     def __init__(
         self, bucket: str, prefix: str = "", *, client: S3Client | None = None, part_size: int = PART_SIZE,
@@ -61,6 +69,8 @@ class S3Sink:
         self.part_size = part_size
         self.concurrency = concurrency  # parts uploaded at once
         self._client = client
+        self.tagging_refused = False  # set by the first refused PutObjectTagging: later stores copy at once
+        self._tag_reads_refused = False
 
     @property
     def client(self) -> S3Client:
@@ -144,15 +154,46 @@ class S3Sink:
         except BotoCoreError as exc:
             raise self.error(exc, "read") from None
 
+    def refuse_tagging(self, code: str) -> None:
+        """This store refuses PutObjectTagging: from now on a multipart object gets its sha256 by a copy."""
+        if not self.tagging_refused:
+            self.tagging_refused = True
+            log.warning("s3://%s refuses object tagging (%s): multipart objects get their sha256 by an in-place "
+                        "copy instead (a second write of each large video)", self.bucket, code)
+
     def head(self, key: str) -> StoredObject | None:
-        resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
+        """What is stored at `key`, or None when nothing is, or nothing proven: an object without a sha256
+        (in its metadata, or as its `sha256` tag) is not counted as stored."""
+        full = self._full(key)
+        resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=full))
         if resp is None:
             return None
         meta = resp.get("Metadata", {})
-        sha = meta.get("sha256")
-        if not sha:  # not ours, or a crash between completing a multipart upload and tagging it
-            return None
+        sha = meta.get("sha256") or self._tagged_sha256(full, resp.get("VersionId"))
+        if not sha or not _SHA256.fullmatch(sha):
+            return None  # not ours, or a crash between completing a multipart upload and tagging it
         return self._obj(key, int(resp["ContentLength"]), sha, meta.get("task_id") or None)
+
+    def _tagged_sha256(self, full_key: str, version_id: str | None) -> str | None:
+        """The `sha256` tag of a multipart object (read only when its metadata has none)."""
+        try:  # in a versioned bucket, the tags of this very version (the key may have been replaced since)
+            answer = (self.client.get_object_tagging(Bucket=self.bucket, Key=full_key, VersionId=version_id)
+                      if version_id else self.client.get_object_tagging(Bucket=self.bucket, Key=full_key))
+            tags = answer["TagSet"]
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if str(error.get("Code")) in _MISSING:  # replaced or deleted between the two requests
+                return None
+            if str(error.get("Code")) in TAGGING_REFUSED:  # unproven: stored again, not trusted
+                if not self._tag_reads_refused:
+                    self._tag_reads_refused = True
+                    log.warning("s3://%s refuses reading object tags (%s): multipart objects cannot be proven "
+                                "and are stored again", self.bucket, error.get("Code"))
+                return None
+            raise self.error(exc, "read") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, "read") from None
+        return next((tag["Value"] for tag in tags if tag.get("Key") == "sha256"), None)
 
     def store_from_url(
         self,
