@@ -78,11 +78,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from sequential_upload import SequentialS3Sink
 
     from kling_tasks.storage import LocalSink, S3Sink
+    from kling_tasks.storage import s3 as s3_sink_module
 
     method, url, path, key = spec["method"], spec["url"], spec["path"], spec["key"]
     s3 = boto3.session.Session().client("s3")
     copying = S3Sink(BUCKET, client=s3, part_size=spec["part_size"], concurrency=spec["concurrency"])
-    copying.tagging_refused = True  # as after a store's first refused PutObjectTagging: the copy at once
+    if method == "managed-copy":  # as after this destination's first refused tag: the copy at once, no warning
+        s3_sink_module._TAGS_REFUSED.add((str(s3.meta.endpoint_url), BUCKET))
     sinks: dict[str, Any] = {"managed": S3Sink(BUCKET, client=s3, part_size=spec["part_size"],
                                                concurrency=spec["concurrency"]),
                              "managed-copy": copying,

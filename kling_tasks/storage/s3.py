@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -33,7 +34,7 @@ from .base import (
     content_type_for,
 )
 from .download import fetch_to
-from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, TAGGING_REFUSED, ManagedUpload, Upload
+from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload, refusal_code, tags_refused
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -45,6 +46,10 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Destinations (endpoint, bucket) seen refusing object tags in this process. Sinks are opened per step: the
+# refusal is remembered here, so the fallback is decided (and logged) once, not at every store.
+_TAGS_REFUSED: set[tuple[str, str]] = set()
+_TAGS_LOCK = threading.Lock()
 
 
 class S3Sink:
@@ -69,8 +74,6 @@ class S3Sink:
         self.part_size = part_size
         self.concurrency = concurrency  # parts uploaded at once
         self._client = client
-        self.tagging_refused = False  # set by the first refused PutObjectTagging: later stores copy at once
-        self._tag_reads_refused = False
 
     @property
     def client(self) -> S3Client:
@@ -140,8 +143,23 @@ class S3Sink:
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
         except (BotoCoreError, ClientError) as exc:
             raise self.error(exc, "write to") from None
+        self._probe_tagging(probe)
         with contextlib.suppress(BotoCoreError, ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _probe_tagging(self, probe: str) -> None:
+        """Best effort: does this destination take (and give back) object tags? Decided before the first store."""
+        if self.tagging_refused:
+            return
+        try:
+            self.client.put_object_tagging(Bucket=self.bucket, Key=probe, Tagging={
+                "TagSet": [{"Key": "sha256", "Value": hashlib.sha256(b"").hexdigest()}]})
+            self.client.get_object_tagging(Bucket=self.bucket, Key=probe)
+        except ClientError as exc:
+            if tags_refused(exc):
+                self.refuse_tagging(refusal_code(exc))
+        except BotoCoreError:
+            pass  # the store itself decides then
 
     def _read(self, fetch: Callable[[], T]) -> T | None:
         """Run a read; None when the object is missing, DestinationError for any other failure."""
@@ -154,12 +172,24 @@ class S3Sink:
         except BotoCoreError as exc:
             raise self.error(exc, "read") from None
 
+    @property
+    def _destination(self) -> tuple[str, str]:
+        return str(self.client.meta.endpoint_url), self.bucket
+
+    @property
+    def tagging_refused(self) -> bool:
+        """True once this destination refused to set or read an object tag: multipart objects then get their
+        sha256 into the metadata by an in-place copy."""
+        return self._destination in _TAGS_REFUSED
+
     def refuse_tagging(self, code: str) -> None:
-        """This store refuses PutObjectTagging: from now on a multipart object gets its sha256 by a copy."""
-        if not self.tagging_refused:
-            self.tagging_refused = True
-            log.warning("s3://%s refuses object tagging (%s): multipart objects get their sha256 by an in-place "
-                        "copy instead (a second write of each large video)", self.bucket, code)
+        with _TAGS_LOCK:
+            if self._destination in _TAGS_REFUSED:
+                return
+            _TAGS_REFUSED.add(self._destination)
+        log.warning("s3://%s refuses object tags (%s): multipart objects get their sha256 by an in-place copy "
+                    "instead (a second write of each large video); any stored with a tag cannot be proven and are "
+                    "stored again", self.bucket, code)
 
     def head(self, key: str) -> StoredObject | None:
         """What is stored at `key`, or None when nothing is, or nothing proven: an object without a sha256
@@ -184,11 +214,8 @@ class S3Sink:
             error = exc.response.get("Error", {})
             if str(error.get("Code")) in _MISSING:  # replaced or deleted between the two requests
                 return None
-            if str(error.get("Code")) in TAGGING_REFUSED:  # unproven: stored again, not trusted
-                if not self._tag_reads_refused:
-                    self._tag_reads_refused = True
-                    log.warning("s3://%s refuses reading object tags (%s): multipart objects cannot be proven "
-                                "and are stored again", self.bucket, error.get("Code"))
+            if tags_refused(exc):  # unproven: stored again, not trusted; later stores copy instead of tagging
+                self.refuse_tagging(refusal_code(exc))
                 return None
             raise self.error(exc, "read") from None
         except BotoCoreError as exc:

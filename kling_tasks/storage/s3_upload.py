@@ -242,6 +242,16 @@ class ManagedUpload:
 TAGGING_REFUSED = {"NotImplemented", "MethodNotAllowed", "AccessDenied"}
 
 
+def refusal_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode", "?"))
+
+
+def tags_refused(exc: ClientError) -> bool:
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    return refusal_code(exc) in TAGGING_REFUSED or status in (405, 501)
+
+
 def prove(sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
     """Give a completed multipart object its sha256: the tag, or (tags refused) the metadata by a copy.
 
@@ -253,12 +263,10 @@ def prove(sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, st
                 "TagSet": [{"Key": "sha256", "Value": metadata["sha256"]}]})
             return
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if code not in TAGGING_REFUSED and status not in (405, 501):
+            if not tags_refused(exc):
                 _discard(sink, full_key)
                 raise sink.error(exc, "tag", full_key) from None
-            sink.refuse_tagging(code or str(status))
+            sink.refuse_tagging(refusal_code(exc))
         except BotoCoreError as exc:  # every attempt's answer lost, say: whether the tag is there is unknown
             _discard(sink, full_key)
             raise sink.error(exc, "tag", full_key) from None

@@ -220,7 +220,7 @@ def test_a_failed_upload_stops_a_download_that_is_still_writing(
                                                   marks=FULL_MATRIX),  # a policy: AccessDenied
                                      pytest.param(Fault("PutObjectTagging", "refuse", times=None, status=405),
                                                   marks=FULL_MATRIX)])  # MethodNotAllowed
-def test_a_store_refusing_tags_gets_the_sha256_by_a_copy_decided_once_per_sink(
+def test_a_store_refusing_tags_gets_the_sha256_by_a_copy_decided_once_per_destination(
     proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any, refusal: Fault,
     caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -231,12 +231,13 @@ def test_a_store_refusing_tags_gets_the_sha256_by_a_copy_decided_once_per_sink(
         assert_whole(s3, bucket, BIG, sha256_in="metadata")
         assert sink.head(KEY) == first and first.sha256 == sha(BIG)
         again = {**META, "task_id": "t-fault-2"}  # another task's video at the key: stored again
-        second = sink.store_from_url(source.add("/w.mp4", BIG[::-1]), KEY, metadata=again, allow_private=True)
-    assert (second.sha256, second.task_id) == (sha(BIG[::-1]), "t-fault-2") and sink.head(KEY) == second
+        later = sink_via()  # the flows open a sink per step: the destination's refusal is remembered
+        second = later.store_from_url(source.add("/w.mp4", BIG[::-1]), KEY, metadata=again, allow_private=True)
+    assert (second.sha256, second.task_id) == (sha(BIG[::-1]), "t-fault-2") and later.head(KEY) == second
     assert proxy.count("PutObjectTagging") == 1, "the refusal was not remembered: every store asked again"
     assert proxy.count("CopyObject", "forwarded") == 2
     assert proxy.count("GetObjectTagging") == 0, "the metadata had the sha256: no tag to read"
-    warnings = [r.getMessage() for r in caplog.records if "refuses object tagging" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records if "refuses object tags" in r.getMessage()]
     assert len(warnings) == 1 and f"s3://{bucket}" in warnings[0], caplog.records
 
 
@@ -249,3 +250,18 @@ def test_a_refused_tag_and_a_failed_copy_leave_nothing(
     assert err.value.retryable is True and f"s3://{bucket}/{FULL}" in str(err.value), str(err.value)
     assert proxy.count("CopyObject", "refuse") >= 1
     assert_absent(s3, bucket)
+
+
+def test_a_destination_that_cannot_read_tags_back_is_found_before_the_first_store(
+    proxy: S3FaultProxy, sink_via: Any, s3: Any, bucket: str, source: Any
+) -> None:
+    # A policy with s3:PutObjectTagging but not s3:GetObjectTagging: tagged objects could never be proven, and
+    # the job's final copy (which reads the last step's sha256) would fail. The preflight probe finds it.
+    proxy.plan([Fault("GetObjectTagging", "deny", times=None)])
+    sink = sink_via()
+    sink.check_reachable()
+    assert sink.tagging_refused
+    assert sink.store_from_url(source.add("/v.mp4", BIG), KEY, metadata=META, allow_private=True).sha256 == sha(BIG)
+    assert proxy.count("PutObjectTagging") == 1, "only the probe's: the store copied at once"
+    assert_whole(s3, bucket, BIG, sha256_in="metadata")
+    assert sink.copy(KEY, "job1/final.mp4").sha256 == sha(BIG)
