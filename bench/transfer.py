@@ -234,6 +234,8 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
             results.update(rendered_stores(stack, tmp, extensions, log))
 
         rows: list[dict[str, Any]] = []
+        failed: list[dict[str, Any]] = []
+        results["failed_stores"] = failed
         counter = iter(range(10**6))
         for n in sizes:
             chosen = methods or (QUICK_METHODS if quick else METHODS)
@@ -246,15 +248,26 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
                     spec = {"method": method, "url": f"{base}/body-{n}.mp4", "path": str(files / f"body-{n}.mp4"),
                             "warm_url": f"{base}/warm.mp4", "warm_path": str(files / "warm.mp4"), "key": key,
                             "local_dir": str(tmp / "out-child"), "part_size": part_size, "concurrency": concurrency}
-                    got = run_child(spec, env)
+                    try:
+                        got: dict[str, Any] | None = run_child(spec, env)
+                    except RuntimeError as exc:  # one failed store (moto answered 500, say) is a figure, not the end
+                        log(f"{n} MiB, {method}: FAILED: {str(exc).splitlines()[-1]}")
+                        failed.append({"size_mb": n, "method": method, "error": str(exc).splitlines()[-1][:300]})
+                        got = None
                     if method not in ("local", "naive"):  # moto keeps objects: free its memory and disk
                         s3.delete_object(Bucket=BUCKET, Key=key)
                         s3.delete_object(Bucket=BUCKET, Key=key + ".warm")
-                        assert not s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads"), "an upload left open"
+                        left = s3.list_multipart_uploads(Bucket=BUCKET).get("Uploads", [])
+                        assert got is None or not left, "an upload left open"
+                        for upload in left:
+                            s3.abort_multipart_upload(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
                     for leftover in (tmp / "out-child").rglob("*.mp4"):
                         leftover.unlink()
-                    runs[method].append(got)
+                    if got is not None:
+                        runs[method].append(got)
             for method, got_runs in runs.items():
+                if not got_runs:
+                    continue
                 speeds = [x["size_mb"] / x["seconds"] for x in got_runs]
                 rows.append({"size_mb": n, "method": method, "mb_per_s_median": round(statistics.median(speeds), 1),
                              "mb_per_s_all": [round(s, 1) for s in speeds],

@@ -110,6 +110,10 @@ def section(results: dict[str, Any]) -> str:
                 "in flight or larger parts (`bench/transfer.py --part-size 8 --concurrency 8` measures it; "
                 "memory grows by a part per slot), measured on an idle machine or against real S3, where the "
                 "server is not on the same cores."]
+    failed = results.get("failed_stores") or []
+    if failed:
+        out += ["", "Stores that failed in this run (left out of the medians above): " + "; ".join(
+            f"{f['method']} at {f['size_mb']} MiB ({f['error']})" for f in failed) + "."]
     rendered = results.get("rendered_videos")
     if rendered:
         out += ["", "Rendered videos (real emulator MP4s, 720p; per-store overhead, not throughput): " + "; ".join(
