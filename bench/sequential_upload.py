@@ -2,7 +2,8 @@
 
 Sequential multipart: one part buffered at a time, sent, then the next (no overlap of download and
 upload); a body smaller than one part is one PutObject. Same contract as `ManagedUpload` (metadata at
-create, sha256 added by the in-place copy, abort on failure), so bench/transfer.py compares like with like.
+create, the sha256 as the object's tag once complete, abort on failure), so bench/transfer.py compares like
+with like.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from kling_tasks.storage import S3Sink
-from kling_tasks.storage.s3_upload import Upload, tag
+from kling_tasks.storage.s3_upload import Upload, prove
 
 
 class SequentialUpload:
@@ -57,7 +58,7 @@ class SequentialUpload:
         upload_id, self.upload_id = self.upload_id, None
         self._call("upload to", self.sink.client.complete_multipart_upload, UploadId=upload_id,
                    MultipartUpload={"Parts": self.parts})
-        tag(self.sink, self.key, self.content_type, metadata)
+        prove(self.sink, self.key, self.content_type, metadata)
 
     def abort(self) -> None:
         if self.upload_id is not None:

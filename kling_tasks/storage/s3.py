@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -32,21 +34,32 @@ from .base import (
     content_type_for,
 )
 from .download import fetch_to
-from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload
+from .s3_upload import CONCURRENCY, MIN_PART_SIZE, PART_SIZE, ManagedUpload, Upload, refusal_code, tags_refused
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Destinations (endpoint, bucket) seen refusing object tags in this process. Sinks are opened per step: the
+# refusal is remembered here, so the fallback is decided (and logged) once, not at every store.
+_TAGS_REFUSED: set[tuple[str, str]] = set()
+_TAGS_LOCK = threading.Lock()
 
 
 class S3Sink:
-    """Objects under `s3://bucket/prefix/{key}`; sha256 and the caller's ids go into user metadata."""
+    """Objects under `s3://bucket/prefix/{key}`.
+
+    The caller's ids (task_id, job_id, step) go into user metadata from the start. The sha256 goes into the
+    metadata too when the body is one PutObject; a multipart object gets it as the object tag `sha256` once
+    complete (its metadata is fixed when it is created), or, on a store that refuses tags, into its metadata
+    by an in-place copy. `head()` reads it from either place.
+    """
 
     def __init__(
         self, bucket: str, prefix: str = "", *, client: S3Client | None = None, part_size: int = PART_SIZE,
@@ -130,8 +143,23 @@ class S3Sink:
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"")
         except (BotoCoreError, ClientError) as exc:
             raise self.error(exc, "write to") from None
+        self._probe_tagging(probe)
         with contextlib.suppress(BotoCoreError, ClientError):
             self.client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _probe_tagging(self, probe: str) -> None:
+        """Best effort: does this destination take (and give back) object tags? Decided before the first store."""
+        if self.tagging_refused:
+            return
+        try:
+            self.client.put_object_tagging(Bucket=self.bucket, Key=probe, Tagging={
+                "TagSet": [{"Key": "sha256", "Value": hashlib.sha256(b"").hexdigest()}]})
+            self.client.get_object_tagging(Bucket=self.bucket, Key=probe)
+        except ClientError as exc:
+            if tags_refused(exc):
+                self.refuse_tagging(refusal_code(exc))
+        except BotoCoreError:
+            pass  # the store itself decides then
 
     def _read(self, fetch: Callable[[], T]) -> T | None:
         """Run a read; None when the object is missing, DestinationError for any other failure."""
@@ -144,15 +172,55 @@ class S3Sink:
         except BotoCoreError as exc:
             raise self.error(exc, "read") from None
 
+    @property
+    def _destination(self) -> tuple[str, str]:
+        return str(self.client.meta.endpoint_url), self.bucket
+
+    @property
+    def tagging_refused(self) -> bool:
+        """True once this destination refused to set or read an object tag: multipart objects then get their
+        sha256 into the metadata by an in-place copy."""
+        return self._destination in _TAGS_REFUSED
+
+    def refuse_tagging(self, code: str) -> None:
+        with _TAGS_LOCK:
+            if self._destination in _TAGS_REFUSED:
+                return
+            _TAGS_REFUSED.add(self._destination)
+        log.warning("s3://%s refuses object tags (%s): multipart objects get their sha256 by an in-place copy "
+                    "instead (a second write of each large video); any stored with a tag cannot be proven and are "
+                    "stored again", self.bucket, code)
+
     def head(self, key: str) -> StoredObject | None:
-        resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=self._full(key)))
+        """What is stored at `key`, or None when nothing is, or nothing proven: an object without a sha256
+        (in its metadata, or as its `sha256` tag) is not counted as stored."""
+        full = self._full(key)
+        resp = self._read(lambda: self.client.head_object(Bucket=self.bucket, Key=full))
         if resp is None:
             return None
         meta = resp.get("Metadata", {})
-        sha = meta.get("sha256")
-        if not sha:  # not ours, or a crash between completing a multipart upload and tagging it
-            return None
+        sha = meta.get("sha256") or self._tagged_sha256(full, resp.get("VersionId"))
+        if not sha or not _SHA256.fullmatch(sha):
+            return None  # not ours, or a crash between completing a multipart upload and tagging it
         return self._obj(key, int(resp["ContentLength"]), sha, meta.get("task_id") or None)
+
+    def _tagged_sha256(self, full_key: str, version_id: str | None) -> str | None:
+        """The `sha256` tag of a multipart object (read only when its metadata has none)."""
+        try:  # in a versioned bucket, the tags of this very version (the key may have been replaced since)
+            answer = (self.client.get_object_tagging(Bucket=self.bucket, Key=full_key, VersionId=version_id)
+                      if version_id else self.client.get_object_tagging(Bucket=self.bucket, Key=full_key))
+            tags = answer["TagSet"]
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if str(error.get("Code")) in _MISSING:  # replaced or deleted between the two requests
+                return None
+            if tags_refused(exc):  # unproven: stored again, not trusted; later stores copy instead of tagging
+                self.refuse_tagging(refusal_code(exc))
+                return None
+            raise self.error(exc, "read") from None
+        except BotoCoreError as exc:
+            raise self.error(exc, "read") from None
+        return next((tag["Value"] for tag in tags if tag.get("Key") == "sha256"), None)
 
     def store_from_url(
         self,

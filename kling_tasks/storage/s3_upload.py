@@ -2,9 +2,12 @@
 
 The download pushes chunks (`write`); boto3's transfer manager pulls a file-like object from its own
 threads. `_Pipe` joins the two with a bounded buffer, so memory stays a few parts whatever the video's
-size. A body smaller than one part is a single PutObject carrying its sha256; a larger one is a multipart
-upload that S3 publishes only once complete, tagged with its sha256 by an in-place copy afterwards
-(the digest is known only at the end; `S3Sink.head` ignores an object without one).
+size. A body smaller than one part is a single PutObject carrying its sha256 in its metadata. A larger one is
+a multipart upload that S3 publishes only once complete, its metadata (task_id, job_id, step) fixed when it
+is created; the sha256, known only at the end, then goes on as the object tag `sha256` (PutObjectTagging, one
+small request). A store that refuses tagging (some S3-compatible ones) gets the sha256 into the metadata by an
+in-place copy instead (a second write of the whole object), remembered per sink. Until one of the two is done
+the object is not proven: `S3Sink.head` ignores an object without a sha256, so it is stored again.
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ class ManagedUpload:
         self._pipe.close()
         self._raise_transfer_error()
         self._future = None
-        tag(self.sink, self.key, self.content_type, metadata)
+        prove(self.sink, self.key, self.content_type, metadata)
 
     def abort(self) -> None:
         """boto3 aborts the multipart upload of a failed transfer before its future resolves."""
@@ -234,16 +237,55 @@ class ManagedUpload:
         self._shutdown()
 
 
-def tag(sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
-    """Add the sha256 to a completed object by copying it onto itself; delete it if that fails."""
-    s3 = sink.client
+# What a store that does not do object tags answers (some S3-compatible stores), or a policy that allows
+# writing objects but not tagging them: the sha256 then goes into the metadata by a copy.
+TAGGING_REFUSED = {"NotImplemented", "MethodNotAllowed", "AccessDenied"}
+
+
+def refusal_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get(
+        "HTTPStatusCode", "?"))
+
+
+def tags_refused(exc: ClientError) -> bool:
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    return refusal_code(exc) in TAGGING_REFUSED or status in (405, 501)
+
+
+def prove(sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
+    """Give a completed multipart object its sha256: the tag, or (tags refused) the metadata by a copy.
+
+    Any other failure deletes the object (unproven, `head()` would ignore it anyway) and raises.
+    """
+    if not sink.tagging_refused:
+        try:
+            sink.client.put_object_tagging(Bucket=sink.bucket, Key=full_key, Tagging={
+                "TagSet": [{"Key": "sha256", "Value": metadata["sha256"]}]})
+            return
+        except ClientError as exc:
+            if not tags_refused(exc):
+                _discard(sink, full_key)
+                raise sink.error(exc, "tag", full_key) from None
+            sink.refuse_tagging(refusal_code(exc))
+        except BotoCoreError as exc:  # every attempt's answer lost, say: whether the tag is there is unknown
+            _discard(sink, full_key)
+            raise sink.error(exc, "tag", full_key) from None
+    copy_with_sha256(sink, full_key, content_type, metadata)
+
+
+def _discard(sink: S3Sink, full_key: str) -> None:
+    with contextlib.suppress(BotoCoreError, ClientError):  # left behind, it would only be ignored by head()
+        sink.client.delete_object(Bucket=sink.bucket, Key=full_key)
+
+
+def copy_with_sha256(sink: S3Sink, full_key: str, content_type: str, metadata: dict[str, str]) -> None:
+    """The fallback: copy the completed object onto itself with the sha256 in its metadata; delete it on failure."""
     try:
         # A fresh full-object CRC32: the parts' composite checksum would otherwise be carried over as if it
         # were the whole object's (moto does), and boto3's GET validation would refuse the object.
-        s3.copy_object(Bucket=sink.bucket, Key=full_key, CopySource={"Bucket": sink.bucket, "Key": full_key},
-                       Metadata=metadata, MetadataDirective="REPLACE", ContentType=content_type,
-                       ChecksumAlgorithm="CRC32")
+        sink.client.copy_object(Bucket=sink.bucket, Key=full_key, CopySource={"Bucket": sink.bucket, "Key": full_key},
+                                Metadata=metadata, MetadataDirective="REPLACE", ContentType=content_type,
+                                ChecksumAlgorithm="CRC32")
     except (BotoCoreError, ClientError) as exc:
-        with contextlib.suppress(BotoCoreError, ClientError):  # untagged, it would only be ignored by head()
-            s3.delete_object(Bucket=sink.bucket, Key=full_key)
+        _discard(sink, full_key)
         raise sink.error(exc, "tag", full_key) from None

@@ -3,7 +3,8 @@
 Point boto3 at `proxy.url` instead of moto's endpoint. Each request is classified into its S3 operation
 (from method, query and headers, path-style addressing) and either forwarded untouched or given a fault:
 
-  refuse        read the body, answer `status` (503 SlowDown, 500 InternalError) with S3's XML error body
+  refuse        read the body, answer `status` (503 SlowDown, 500 InternalError, 501 NotImplemented, 405
+                MethodNotAllowed: a store without object tags) with S3's XML error body
   stall         read the body, then say nothing for `stall_seconds` (past the client's read timeout), hang up
   cut           read half of the body, then hang up: the request never reaches moto
   cut_response  forward to moto (the operation happens), then hang up before the first byte of its answer
@@ -28,12 +29,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 PUT_OBJECT_FAMILY = {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "CopyObject",
                      "UploadPartCopy"}
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
-_ERROR_CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied"}
+_ERROR_CODES = {500: "InternalError", 503: "SlowDown", 403: "AccessDenied", 501: "NotImplemented",
+                405: "MethodNotAllowed"}
 
 
 @dataclass
 class Fault:
-    operation: str  # an S3 operation name, e.g. "UploadPart", "CompleteMultipartUpload", "PutObject"
+    operation: str  # an S3 operation name, e.g. "UploadPart", "CompleteMultipartUpload", "PutObjectTagging"
     kind: str  # refuse | stall | cut | cut_response | deny | read_only
     times: int | None = 1  # how many matching requests get it; None: every one
     status: int = 503  # for refuse
@@ -50,8 +52,10 @@ def operation_of(method: str, path: str, query: dict[str, list[str]], headers: A
             return ("UploadPartCopy" if copy else "UploadPart"), key
         if not key:
             return "CreateBucket" if not query else "PutBucketConfig", key
+        if "tagging" in query:
+            return "PutObjectTagging", key
         if query:
-            return "PutObjectConfig", key  # tagging, acl, retention ...
+            return "PutObjectConfig", key  # acl, retention ...
         return ("CopyObject" if copy else "PutObject"), key
     if method == "POST":
         if "uploads" in query:
@@ -67,6 +71,8 @@ def operation_of(method: str, path: str, query: dict[str, list[str]], headers: A
         return "ListMultipartUploads", key
     if "uploadId" in query:
         return "ListParts", key
+    if "tagging" in query and key:
+        return "GetObjectTagging", key
     return ("GetObject" if key else "ListObjects"), key
 
 

@@ -384,3 +384,46 @@ def test_a_failed_download_names_the_host_never_the_signed_query(failure: str, s
         collect(_signed(url), **kwargs)
     for text in (str(err.value), repr(err.value), "".join(map(str, err.value.args))):
         assert SIGNATURE not in text and TOKEN not in text and "127.0.0.1" in text, text
+
+
+# --- one guarded client per process: shared, yet no connection, cookie or check carried over ---------------------
+
+
+def test_the_shared_client_keeps_no_cookie_and_no_connection_between_downloads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str | None, int]] = []  # (the Cookie header, the client's port) per request
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive offered: the client must still not reuse the connection
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append((self.headers.get("Cookie"), self.client_address[1]))
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=from-the-first-server; Path=/")
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"video")
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True).start()
+    built: list[bool] = []
+    real_client = download_module.guarded_client
+    monkeypatch.setattr(download_module, "_shared", {})
+    monkeypatch.setattr(download_module, "guarded_client", lambda allow: built.append(allow) or real_client(allow))
+    try:
+        dns = FakeDNS({"cdn.example": [["127.0.0.1"]]})
+        monkeypatch.setattr(socket, "getaddrinfo", dns)
+        url = f"http://cdn.example:{server.server_address[1]}/v.mp4"
+        for _ in range(2):
+            assert fetch_to(url, lambda _: None, allow_private=True).size == 5
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert built == [True], "one client for both downloads"
+    assert download_module.shared_guarded_client(False) is not download_module.shared_guarded_client(True)
+    assert [cookie for cookie, _ in seen] == [None, None], "a cookie went from one download to the next"
+    assert seen[0][1] != seen[1][1], "the second download reused the first one's connection"
+    assert dns.lookups["cdn.example"] == 2, "each connection resolves (and checks) the name again"

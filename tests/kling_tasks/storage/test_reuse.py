@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 
 from kling_tasks.storage import LocalSink, S3Sink
@@ -113,3 +114,49 @@ def test_local_file_with_reuse_sha256_is_reused_with_zero_downloads(tmp_path: Pa
     # ...but not when the size the caller expects is another one.
     sink.store_from_url(url, KEY, metadata=META, allow_private=True, reuse_sha256=old.sha256, expected_size=25)
     assert source.hits["/again.mp4"] == 1 and (tmp_path / KEY).read_bytes() == b"would be downloaded again"
+
+
+# --- S3: a multipart object carries its sha256 as a tag; without it (a crash before tagging), it is unproven ----
+
+
+def multipart_like(s3: Any, bucket: str, data: bytes, tag: str | None, **extra: str) -> None:
+    """A completed multipart object: the caller's metadata from its creation, the sha256 (if any) as a tag."""
+    s3.put_object(Bucket=bucket, Key=KEY, Body=data, ContentType="video/mp4",
+                  Metadata={"job_id": "job1", "step": "0", "task_id": "t-new", **extra})
+    if tag is not None:
+        s3.put_object_tagging(Bucket=bucket, Key=KEY, Tagging={"TagSet": [{"Key": "sha256", "Value": tag}]})
+
+
+def test_s3_object_of_this_task_proven_by_its_sha256_tag_is_reused(bucket: str, s3: Any, source: Any) -> None:
+    multipart_like(s3, bucket, b"stored in parts by an earlier run", tag=sha(b"stored in parts by an earlier run"))
+    sink = S3Sink(bucket)
+    before = sink.head(KEY)
+    assert before is not None and (before.sha256, before.task_id) == (sha(b"stored in parts by an earlier run"),
+                                                                     "t-new")
+    url = source.add("/again.mp4", b"would be downloaded again")
+    assert sink.store_from_url(url, KEY, metadata=META, allow_private=True, reuse_sha256=before.sha256) == before
+    assert source.hits["/again.mp4"] == 0
+    assert sink.copy(KEY, "job1/final.mp4") == sink.head("job1/final.mp4")  # the copy keeps the tag
+
+
+@pytest.mark.parametrize("tag", [None, "not-a-sha256"], ids=["crash-before-tagging", "garbage-tag"])
+def test_s3_object_of_this_task_without_a_sha256_is_stored_again(
+    bucket: str, s3: Any, source: Any, tag: str | None
+) -> None:
+    multipart_like(s3, bucket, b"completed, never tagged", tag=tag)
+    sink = S3Sink(bucket)
+    assert sink.head(KEY) is None
+    stored = sink.store_from_url(source.add("/v", b"this task's video"), KEY, metadata=META, allow_private=True)
+    assert source.hits["/v"] == 1 and sink.head(KEY) == stored
+    assert s3.get_object(Bucket=bucket, Key=KEY)["Body"].read() == b"this task's video"
+
+
+def test_s3_head_reads_the_tag_of_the_version_it_saw(bucket: str, s3: Any) -> None:
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    multipart_like(s3, bucket, b"version one", tag=sha(b"version one"))
+    calls: list[dict[str, Any]] = []
+    client = boto3.client("s3")
+    client.meta.events.register("provide-client-params.s3.GetObjectTagging", lambda params, **_: calls.append(params))
+    got = S3Sink(bucket, client=client).head(KEY)
+    assert got is not None and got.sha256 == sha(b"version one")
+    assert calls and calls[0].get("VersionId"), calls
