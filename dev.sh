@@ -31,8 +31,9 @@ case "$cmd" in
         ensure_venv
         .venv/bin/ruff check .
         .venv/bin/mypy
-        # Two workers, one test file each at a time (files share module-scoped servers); -n 0 runs in-process.
-        exec .venv/bin/pytest -n 2 --dist loadfile --durations=30 "$@"
+        # Three workers, one test file each at a time (files share module-scoped servers); -n 0 runs in-process.
+        # Three on two cores: the longest files mostly wait (heartbeats, Kling's scaled task times, leases).
+        exec .venv/bin/pytest -n 3 --dist loadfile --durations=30 "$@"
         ;;
     *)
         echo "usage: ./dev.sh demo | ./dev.sh test [pytest args]" >&2
