@@ -4,7 +4,17 @@ and for every goal whether it was met and, where it was not, why and what would 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+import transfer_page
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_result(name: str) -> Any:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 NO_FIGURES = "No figures: not run, or the part failed (see the command's output)."
 BASELINES = ("adaptive:5:15", "fixed:5", "fixed:10", "fixed:15")
@@ -253,11 +263,13 @@ def render(figures: dict[str, Any], *, transfer: Any, quick: bool, database: str
               "## 3. Overhead per step, and 500 concurrent jobs in one process", "", *overhead(figures.get("overhead")),
               "", "## 4. Makespan", "", "### A batch against the physical bound", "", *batch(figures.get("batch")), "",
               "### One job: where the wall time goes", "", *makespan(figures.get("makespan")), "",
-              "## 5. Rerun of a finished job", "", *rerun(figures.get("rerun")), "",
-              "## 2. Transfer", ""]
+              "## 5. Rerun of a finished job", "", *rerun(figures.get("rerun")), ""]
+    if transfer is None and not quick:  # not run this time: the last full transfer run's figures
+        transfer = load_result("transfer")
     if transfer is None:
-        lines += ["HOOK: `bench.transfer.run(quick)` does not exist yet; when it does, `bench/run.py` calls it and "
-                  "its figures appear here (section owned by the transfer benchmark)."]
+        lines += ["## 2. Transfer", "", "No figures: `bench/transfer.py` has not run yet."]
+    elif quick:  # smoke sizes: the figures only show that the benchmark works
+        lines += ["## 2. Transfer", "", "```json", json.dumps(transfer, indent=2, default=str), "```"]
     else:
-        lines += ["```json", json.dumps(transfer, indent=2, default=str), "```"]
+        lines += [transfer_page.section(transfer).rstrip()]
     return "\n".join(lines) + "\n"
