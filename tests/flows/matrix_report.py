@@ -20,6 +20,9 @@ def figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     batches = [r for r in records if r["matrix"] == "kill-batch"]
     clean = {what: [r["seconds"] for r in records if r["matrix"] == "kill-clean" and r["what"] == what]
              for what in ("job", "batch")}
+    start_up = {what: ", ".join(str(r["start_up"]) for r in records
+                                if r["matrix"] == "kill-clean" and r["what"] == what and "start_up" in r)
+                for what in ("job", "batch")}
     outcomes = Counter(r["outcome"] for r in faults)
     rows = [
         ("seed", ", ".join(sorted({str(r["seed"]) for r in records}))),
@@ -31,8 +34,10 @@ def figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("faults fired", str(sum(r["fired"] for r in faults))),
         ("create POSTs / tasks (fault cases)",
          f"{sum(r['posts'] for r in faults)} / {sum(r['tasks'] for r in faults)}"),
-        ("clean runs (s): 1 + 3 job; batch",
+        ("clean runs (s, flow run start to exit): 1 + 3 job; batch",
          f"{', '.join(map(str, clean['job'])) or '-'}; {', '.join(map(str, clean['batch'])) or '-'}"),
+        ("clean runs' start-up before the flow run (s): 1 + 3 job; batch",
+         f"{start_up.get('job') or '-'}; {start_up.get('batch') or '-'}"),
         ("kills of the 1 + 3 job (landed / drawn, re-drawn)", kill_text(jobs)),
         ("kills of the batch (landed / drawn, re-drawn)", kill_text(batches)),
         ("span the landed moments were drawn over (s): job; batch", f"{span_text(jobs)}; {span_text(batches)}"),

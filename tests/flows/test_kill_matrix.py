@@ -2,10 +2,12 @@
 
 `kling-pipeline run` (a 1 + 3 job) and `kling-pipeline batch` (3 jobs of 1 + 2) run as children in their own
 process group (setsid) against one emulator, one moto S3 server and the session's Prefect server. Clean runs
-are measured first; each case draws its moment u in [0, 1) from its own seeded stream and kills the group at
-u x (the shortest whole run seen so far) after the start. A kill counts only if it lands on a live run (the
-child dies of the SIGKILL): when the run had already exited, that run is checked as a clean one, its length
-narrows the span, and the case draws its next u (at most MAX_DRAWS). After a landed kill: what the killed run
+are measured first, from the flow run's start (its first log line; the Python start-up before it is over half
+of the process's life on a loaded machine and touches nothing) to the exit. Each case draws its moment u in
+[0, 1) from its own seeded stream and kills the group at u x (the shortest such span seen so far) after its
+own flow run began. A kill counts only if it lands on a live run (the child dies of the SIGKILL): when the
+run had already exited, that run is checked as a clean one, its length narrows the span, and the case draws
+its next u (at most MAX_DRAWS). After a landed kill: what the killed run
 left (every visible object whole and its task's, a manifest consistent with it) and where it was (the
 ledger's front step and its stage), then the same command again until it exits 0 (at most MAX_RERUNS). Then:
 one task per external id (the emulator accepts duplicate ids here, so a resent create would be a second
@@ -107,9 +109,15 @@ def base_env(emulator: Any, prefect_server: Any, tmp_path_factory: pytest.TempPa
                     os.environ[name] = value
 
 
+# The flow run's first log line: where the job's own span starts (the Python start-up before it touches nothing
+# at Kling, in the destination or in the ledger; on the loaded machine it is over half of the process's life).
+FLOW_BEGINS = b"Beginning flow run"
+
+
 @dataclass(frozen=True)
 class Ended:
-    """How a child's run ended: killed by our SIGKILL, or exited by itself after `seconds` (with its output)."""
+    """How a child's run ended: killed by our SIGKILL, or exited by itself `seconds` after its flow run began
+    (with its output)."""
 
     killed: bool
     code: int
@@ -126,15 +134,32 @@ class Child:
             self.process = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=sink,
                                             start_new_session=True)
         self.started = time.monotonic()
+        self.flow_began: float | None = None
+
+    def wait_for_flow(self, timeout: float = 300) -> bool:
+        """Until the flow run begins (its line in the child's log): False if the process exited first."""
+        seen, deadline = b"", time.monotonic() + timeout
+        with self.log.open("rb") as log:
+            while time.monotonic() < deadline:
+                seen = seen[-len(FLOW_BEGINS):] + log.read()
+                if FLOW_BEGINS in seen:
+                    self.flow_began = time.monotonic()
+                    return True
+                if self.process.poll() is not None:
+                    return False
+                time.sleep(0.005)
+        raise AssertionError(f"no flow run began in {timeout} s: {self.log.read_text()[-3000:]}")
 
     def kill_group_at(self, moment: float) -> Ended:
-        """SIGKILL the group `moment` s after the start, unless the run has exited by then. The kill landed
-        only if the child died of it (a run exiting in the same instant counts as exited)."""
-        while time.monotonic() - self.started < moment:
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.005)
-        exited = time.monotonic() - self.started
+        """SIGKILL the group `moment` s after its flow run began, unless the run has exited by then. The kill
+        landed only if the child died of it (a run exiting in the same instant counts as exited)."""
+        if self.wait_for_flow():
+            assert self.flow_began is not None
+            while time.monotonic() - self.flow_began < moment:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.005)
+        exited = time.monotonic() - (self.flow_began or self.started)
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # the group is gone already
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -143,9 +168,11 @@ class Child:
         return Ended(code == -signal.SIGKILL, code, exited, out.decode().strip().splitlines())
 
     def finish(self, timeout: float = 300) -> Ended:
+        """Until the run exits; its seconds from the flow run's start if that was watched, else from the start."""
         out, _ = self.process.communicate(timeout=timeout)
         code = self.process.returncode
-        return Ended(False, code, time.monotonic() - self.started, out.decode().strip().splitlines())
+        seconds = time.monotonic() - (self.flow_began or self.started)
+        return Ended(False, code, seconds, out.decode().strip().splitlines())
 
 
 def case_env(base_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
@@ -246,7 +273,7 @@ def dest_for(sink: str, tmp_path: Path, target: Target) -> str:
 @dataclass
 class Span:
     """The span the moments are drawn over: the shortest whole run of the command seen so far (the clean
-    runs, then every run a moment came too late for)."""
+    runs, then every run a moment came too late for), from its flow run's start to the process's exit."""
 
     runs: list[float] = field(default_factory=list)
 
@@ -261,10 +288,14 @@ def clean_spans(target: Target, base_env: dict[str, str], emulator: Any, tmp_pat
         folder = tmp_path / f"clean-{run}"
         folder.mkdir()
         tag, dest = new_job_id(f"k{target.what[0]}-clean"), dest_for("s3" if run % 2 else "local", folder, target)
-        ended = Child(target.args(tag, dest, folder), case_env(base_env, folder), folder / "log").finish()
+        child = Child(target.args(tag, dest, folder), case_env(base_env, folder), folder / "log")
+        assert child.wait_for_flow(), (folder / "log").read_text()[-3000:]
+        ended = child.finish()
         assert ended.code == 0, (folder / "log").read_text()[-3000:]
         target.assert_done(emulator, dest, tag, ended.lines, Served(emulator))
-        record("kill-clean", what=target.what, seconds=round(ended.seconds, 2))
+        assert child.flow_began is not None
+        record("kill-clean", what=target.what, seconds=round(ended.seconds, 2),
+               start_up=round(child.flow_began - child.started, 2))
         span.runs.append(ended.seconds)
     return span
 
