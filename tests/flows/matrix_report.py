@@ -67,8 +67,26 @@ def span_text(kills: list[dict[str, Any]]) -> str:
     return f"{min(spans)} to {max(spans)}" if spans else "-"
 
 
+STATUS_ORDER = ("submitting", "submitted", "processing", "succeed", "failed", "stored")
+
+
+def stage_order(kill: dict[str, Any]) -> tuple[int, int]:
+    """Where a kill landed, in the order a run goes: the batch by steps stored, a job by its ledger's front."""
+    if kill["matrix"] == "kill-batch":
+        return int(kill["stage"].split()[0]), 0
+    if kill["ledger"] == "-":
+        return -2, 0
+    statuses = kill["ledger"].split(",")
+    begun = [i for i, status in enumerate(statuses) if status != "pending"]
+    if not begun:
+        return -1, 0
+    return begun[-1], STATUS_ORDER.index(statuses[begun[-1]])
+
+
 def stage_text(kills: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{stage}: {n}" for stage, n in sorted(Counter(r["stage"] for r in kills).items())) or "-"
+    counts = Counter(r["stage"] for r in kills)
+    first = {r["stage"]: stage_order(r) for r in sorted(kills, key=stage_order, reverse=True)}
+    return ", ".join(f"{stage}: {counts[stage]}" for stage in sorted(counts, key=first.__getitem__)) or "-"
 
 
 def dict_text(counter: Counter[Any]) -> str:

@@ -2,14 +2,14 @@
 
 `kling-pipeline run` (a 1 + 3 job) and `kling-pipeline batch` (3 jobs of 1 + 2) run as children in their own
 process group (setsid) against one emulator, one moto S3 server and the session's Prefect server. Clean runs
-are measured first, from the flow run's start (its first log line; the Python start-up before it is over half
-of the process's life on a loaded machine and touches nothing) to the exit. Each case draws its moment u in
-[0, 1) from its own seeded stream and kills the group at u x (the shortest such span seen so far) after its
-own flow run began. A kill counts only if it lands on a live run (the child dies of the SIGKILL): when the
-run had already exited, that run is checked as a clean one, its length narrows the span, and the case draws
-its next u (at most MAX_DRAWS). After a landed kill: what the killed run
-left (every visible object whole and its task's, a manifest consistent with it) and where it was (the
-ledger's front step and its stage), then the same command again until it exits 0 (at most MAX_RERUNS). Then:
+are measured first, from the flow run's start (its first log line: the start-up before it is about half of
+the process's life on a loaded machine, and pays for or stores nothing) to the exit. Each case draws its
+moment u in [0, 1) from its own seeded stream and kills the group u x (the shortest such span seen so far)
+after its own flow run began. A kill counts only if it lands on a live run (the child dies of the SIGKILL):
+when the run had already exited, that run is checked as a clean one, its length narrows the span, and the
+case draws its next u (at most MAX_DRAWS). After a landed kill: what the killed run left (every visible
+object whole and its task's, a manifest consistent with it) and where it was (the ledger's front step and
+its stage), then the same command again until it exits 0 (at most MAX_RERUNS). Then:
 one task per external id (the emulator accepts duplicate ids here, so a resent create would be a second
 task), every step and final.mp4 the emulator's file byte for byte, manifests consistent with the stored
 objects, no open multipart upload and no temp left. Destinations alternate S3 / local folder.
@@ -109,8 +109,8 @@ def base_env(emulator: Any, prefect_server: Any, tmp_path_factory: pytest.TempPa
                     os.environ[name] = value
 
 
-# The flow run's first log line: where the job's own span starts (the Python start-up before it touches nothing
-# at Kling, in the destination or in the ledger; on the loaded machine it is over half of the process's life).
+# The flow run's first log line: where the job's own span starts (the start-up before it, imports and the CLI's
+# checks of the plan and the destination, pays for or stores nothing; under load it is half the process's life).
 FLOW_BEGINS = b"Beginning flow run"
 
 
