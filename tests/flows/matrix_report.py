@@ -18,7 +18,11 @@ def figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     faults = [r for r in records if r["matrix"] == "fault"]
     jobs = [r for r in records if r["matrix"] == "kill-job"]
     batches = [r for r in records if r["matrix"] == "kill-batch"]
-    clean = {r["what"]: r["seconds"] for r in records if r["matrix"] == "kill-clean"}
+    clean = {what: [r["seconds"] for r in records if r["matrix"] == "kill-clean" and r["what"] == what]
+             for what in ("job", "batch")}
+    start_up = {what: ", ".join(str(r["start_up"]) for r in records
+                                if r["matrix"] == "kill-clean" and r["what"] == what and "start_up" in r)
+                for what in ("job", "batch")}
     outcomes = Counter(r["outcome"] for r in faults)
     rows = [
         ("seed", ", ".join(sorted({str(r["seed"]) for r in records}))),
@@ -30,18 +34,59 @@ def figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("faults fired", str(sum(r["fired"] for r in faults))),
         ("create POSTs / tasks (fault cases)",
          f"{sum(r['posts'] for r in faults)} / {sum(r['tasks'] for r in faults)}"),
-        ("clean run (s): 1 + 3 job, batch", f"{clean.get('job', '-')}, {clean.get('batch', '-')}"),
-        ("kills of the 1 + 3 job (landed / drawn)", f"{sum(r['killed'] for r in jobs)} / {len(jobs)}"),
-        ("kills of the batch (landed / drawn)", f"{sum(r['killed'] for r in batches)} / {len(batches)}"),
-        ("generated kill moments (u in [0, 1))",
+        ("clean runs (s, flow run start to exit): 1 + 3 job; batch",
+         f"{', '.join(map(str, clean['job'])) or '-'}; {', '.join(map(str, clean['batch'])) or '-'}"),
+        ("clean runs' start-up before the flow run (s): 1 + 3 job; batch",
+         f"{start_up.get('job') or '-'}; {start_up.get('batch') or '-'}"),
+        ("kills of the 1 + 3 job (landed / drawn, re-drawn)", kill_text(jobs)),
+        ("kills of the batch (landed / drawn, re-drawn)", kill_text(batches)),
+        ("span the landed moments were drawn over (s): job; batch", f"{span_text(jobs)}; {span_text(batches)}"),
+        ("landed kill moments (u in [0, 1))",
          f"{len(jobs) + len(batches)}: min {min((r['u'] for r in jobs + batches), default=0):.3f}, "
          f"max {max((r['u'] for r in jobs + batches), default=0):.3f}"),
+        ("where the job kills landed (the ledger's front step)", stage_text(jobs)),
+        ("where the batch kills landed", stage_text(batches)),
         ("reruns needed after a kill", dict_text(Counter(r["reruns"] for r in jobs + batches))),
+        ("create POSTs / tasks (kill cases, landed runs)",
+         f"{sum(r['posts'] for r in jobs + batches)} / {sum(r['tasks'] for r in jobs + batches)}"),
         ("duplicate tasks (an external id with two tasks)",
          str(sum(r["duplicates"] for r in faults + jobs + batches))),
         ("lost results (a case not finished whole)", "0 (every recorded case passed its checks)"),
     ]
     return rows
+
+
+def kill_text(kills: list[dict[str, Any]]) -> str:
+    """Every recorded case landed one kill; a draw whose run had exited before its moment was drawn again."""
+    drawn = sum(r["draws"] for r in kills)
+    return f"{len(kills)} / {drawn}, {drawn - len(kills)} re-drawn (the run had exited before the moment)"
+
+
+def span_text(kills: list[dict[str, Any]]) -> str:
+    spans = [r["span"] for r in kills]
+    return f"{min(spans)} to {max(spans)}" if spans else "-"
+
+
+STATUS_ORDER = ("submitting", "submitted", "processing", "succeed", "failed", "stored")
+
+
+def stage_order(kill: dict[str, Any]) -> tuple[int, int]:
+    """Where a kill landed, in the order a run goes: the batch by steps stored, a job by its ledger's front."""
+    if kill["matrix"] == "kill-batch":
+        return int(kill["stage"].split()[0]), 0
+    if kill["ledger"] == "-":
+        return -2, 0
+    statuses = kill["ledger"].split(",")
+    begun = [i for i, status in enumerate(statuses) if status != "pending"]
+    if not begun:
+        return -1, 0
+    return begun[-1], STATUS_ORDER.index(statuses[begun[-1]])
+
+
+def stage_text(kills: list[dict[str, Any]]) -> str:
+    counts = Counter(r["stage"] for r in kills)
+    first = {r["stage"]: stage_order(r) for r in sorted(kills, key=stage_order, reverse=True)}
+    return ", ".join(f"{stage}: {counts[stage]}" for stage in sorted(counts, key=first.__getitem__)) or "-"
 
 
 def dict_text(counter: Counter[Any]) -> str:

@@ -6,22 +6,28 @@ changes the seed (default 20261201). Each case records its seed and draw in its 
 The checks read only the emulator's stats, the bytes the emulator serves and what the destination holds
 (moto's S3 server or a local folder): one task per external id, every stored step its own task's file byte
 for byte, a manifest that says what is stored, and nothing half-written (no open multipart upload, no temp).
+The readers of a destination (`read`, `uri_of`, `open_uploads`, `temps`) serve the crash tests too: an
+`s3://bucket/prefix` destination names its own bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import boto3
 import httpx
 from botocore.exceptions import ClientError
+
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+from tests.conftest import quiet_werkzeug
 
 T = TypeVar("T")
 
@@ -46,6 +52,43 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# ---- the servers and the job --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's real S3 HTTP server on a free port: its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    quiet_werkzeug()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def aws_env(endpoint: str, no_aws: Path) -> dict[str, str]:
+    """boto3's environment for moto at `endpoint`: fixed test keys, no config or credential file, no metadata
+    probe (set it after removing every other AWS_* variable)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-access-key",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(no_aws / "config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(no_aws / "credentials")}
+
+
+def video_job(dest: str, job_id: str, prompt: str, extensions: Sequence[str]) -> VideoJob:
+    return VideoJob(generate=GenerationSpec(prompt=prompt), extensions=[ExtensionSpec(prompt=t) for t in extensions],
+                    dest=dest, job_id=job_id)
+
+
+def planned_ids(dest: str, job_id: str, prompt: str, extensions: Sequence[str]) -> list[str]:
+    """The external task ids of the job's steps, in order (what the emulator sees)."""
+    return [step.external_task_id for step in plan_job(video_job(dest, job_id, prompt, extensions)).steps]
+
+
 # ---- the destination ------------------------------------------------------------------------------------------
 
 
@@ -53,15 +96,22 @@ def is_s3(dest: str) -> bool:
     return dest.startswith("s3://")
 
 
+def bucket_of(dest: str) -> str:
+    return dest.removeprefix("s3://").split("/", 1)[0]
+
+
 def s3_key(dest: str, key: str) -> str:
-    prefix = dest.removeprefix(f"s3://{BUCKET}").strip("/")
+    """The object key of `key` under an `s3://bucket/prefix` destination."""
+    prefix = dest.removeprefix(f"s3://{bucket_of(dest)}").strip("/")
     return f"{prefix}/{key}" if prefix else key
 
 
 def read(dest: str, key: str) -> bytes | None:
+    """The bytes stored under `key` at the destination (S3 or a folder), None if nothing is there."""
     if is_s3(dest):
         try:
-            return bytes(boto3.client("s3").get_object(Bucket=BUCKET, Key=s3_key(dest, key))["Body"].read())
+            body = boto3.client("s3").get_object(Bucket=bucket_of(dest), Key=s3_key(dest, key))["Body"]
+            return bytes(body.read())
         except ClientError:
             return None
     path = Path(dest) / key
@@ -72,8 +122,9 @@ def uri_of(dest: str, key: str) -> str:
     return f"{dest}/{key}" if is_s3(dest) else str((Path(dest) / key).resolve())
 
 
-def open_uploads() -> list[dict[str, Any]]:
-    return list(boto3.client("s3").list_multipart_uploads(Bucket=BUCKET).get("Uploads", []))
+def open_uploads(bucket: str = BUCKET, prefix: str = "") -> list[dict[str, Any]]:
+    uploads = boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    return [dict(upload) for upload in uploads]
 
 
 def temps(folder: Path) -> list[Path]:
@@ -90,7 +141,7 @@ def stored_keys(dest: str, job_id: str) -> set[str]:
     """The step and final videos under the job's folder (names relative to the folder)."""
     if is_s3(dest):
         prefix = s3_key(dest, f"{job_id}/")
-        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket_of(dest), Prefix=prefix)
         names = {obj["Key"].removeprefix(prefix) for page in pages for obj in page.get("Contents", [])}
     else:
         folder = Path(dest) / job_id
@@ -145,7 +196,7 @@ def assert_consistent(emulator: Any, dest: str, job_id: str, served: Served | No
     if partial_ok:
         pass
     elif is_s3(dest):
-        assert open_uploads() == [], "no multipart upload left open"
+        assert open_uploads(bucket_of(dest)) == [], "no multipart upload left open"
     else:
         assert temps(Path(dest) / job_id) == [], "no temporary file left in the job folder"
     manifest = manifest_of(dest, job_id)

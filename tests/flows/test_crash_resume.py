@@ -11,26 +11,32 @@ multipart upload, a `.part` temp) may be left.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
 import pytest
-from botocore.exceptions import ClientError
 
-from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
 from kling_tasks.storage.s3 import PART_SIZE
+from tests.flows.matrix_support import (
+    Served,
+    manifest_of,
+    new_job_id,
+    open_uploads,
+    planned_ids,
+    read,
+    s3_key,
+    sha256,
+    temps,
+    uri_of,
+)
 
 BUCKET = "crash-videos"
 S3_DEST = f"s3://{BUCKET}/crash"
@@ -41,10 +47,6 @@ MiB = 2**20
 PAD = 12 * MiB  # every served video is > 2 S3 parts (mid-transfer tests only: it makes every download bigger)
 
 Condition = Callable[[], bool]
-
-
-def new_job_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"  # the session shares one Prefect server: never reuse a job id
 
 
 @pytest.fixture
@@ -103,54 +105,10 @@ def wait_until(condition: Condition, child: Child | None = None, timeout: float 
 
 
 def plan_for(job_id: str, dest: str = S3_DEST, extensions: tuple[str, ...] = EXTENSIONS) -> list[str]:
-    job = VideoJob(generate=GenerationSpec(prompt=PROMPT), extensions=[ExtensionSpec(prompt=t) for t in extensions],
-                   dest=dest, job_id=job_id)
-    return [step.external_task_id for step in plan_job(job).steps]
+    return planned_ids(dest, job_id, PROMPT, extensions)
 
 
-# ---- reading what the run left behind -------------------------------------------------------------------------
-
-
-def s3_key(dest: str, key: str) -> str:
-    return f"{dest.removeprefix(f's3://{BUCKET}/')}/{key}"
-
-
-def read(dest: str, key: str) -> bytes | None:
-    if dest.startswith("s3://"):
-        try:
-            return bytes(boto3.client("s3").get_object(Bucket=BUCKET, Key=s3_key(dest, key))["Body"].read())
-        except ClientError:
-            return None
-    path = Path(dest) / key
-    return path.read_bytes() if path.is_file() else None
-
-
-def uri_of(dest: str, key: str) -> str:
-    return f"{dest}/{key}" if dest.startswith("s3://") else str((Path(dest) / key).resolve())
-
-
-def open_uploads(prefix: str = "") -> list[dict[str, Any]]:
-    return list(boto3.client("s3").list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads", []))
-
-
-def temps(folder: Path) -> list[Path]:
-    """Every temp a writer may leave: the sink's `.{name}.{random}.part`, and any other *.part."""
-    return sorted({*folder.glob(".*.part"), *folder.glob("*.part")}) if folder.is_dir() else []
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def served_sha256(emulator: Any, task_id: str) -> str:
-    """The sha256 of the file the emulator serves for this task's video (padding included)."""
-    video_id = emulator.stats()["tasks"][task_id]["video_id"]
-    return sha256(httpx.get(f"{emulator.base_url}/_files/{video_id}.mp4").content)
-
-
-def manifest_of(dest: str, job_id: str) -> dict[str, Any] | None:
-    raw = read(dest, f"{job_id}/manifest.json")
-    return json.loads(raw) if raw is not None else None
+# ---- what the run left behind (read with tests/flows/matrix_support.py's readers) ----------------------------
 
 
 def assert_resumed_whole(emulator: Any, dest: str, job_id: str, ids: list[str]) -> None:
@@ -166,7 +124,7 @@ def assert_resumed_whole(emulator: Any, dest: str, job_id: str, ids: list[str]) 
     assert manifest["status"] == "succeeded" and manifest["job_id"] == job_id
     assert manifest["final_uri"] == uri_of(dest, f"{job_id}/final.mp4")
     assert [step["external_task_id"] for step in manifest["steps"]] == ids
-    s3 = boto3.client("s3")
+    s3, served = boto3.client("s3"), Served(emulator)
     for step in manifest["steps"]:
         key = f"{job_id}/step-{step['index']:02d}.mp4"
         data = read(dest, key)
@@ -174,17 +132,17 @@ def assert_resumed_whole(emulator: Any, dest: str, job_id: str, ids: list[str]) 
         assert step["status"] == "stored" and step["uri"] == uri_of(dest, key)
         assert step["task_id"] == task_of[step["external_task_id"]], "the ledger names the step's only task"
         assert (len(data), sha256(data)) == (step["size"], step["sha256"]), f"{key} is what the ledger says"
-        assert sha256(data) == served_sha256(emulator, step["task_id"]), f"{key} is its task's video, whole"
+        assert sha256(data) == served.sha256_of_task(step["task_id"]), f"{key} is its task's video, whole"
         if dest.startswith("s3://"):
             head = s3.head_object(Bucket=BUCKET, Key=s3_key(dest, key))
             assert head["ContentLength"] == step["size"]
             assert (head["Metadata"]["task_id"], head["Metadata"]["sha256"]) == (step["task_id"], step["sha256"])
     final = read(dest, f"{job_id}/final.mp4")
     assert final is not None
-    assert sha256(final) == served_sha256(emulator, task_of[ids[-1]]) == manifest["steps"][-1]["sha256"]
+    assert sha256(final) == served.sha256_of_task(task_of[ids[-1]]) == manifest["steps"][-1]["sha256"]
 
     if dest.startswith("s3://"):
-        assert open_uploads() == [], "no multipart upload left open"
+        assert open_uploads(BUCKET) == [], "no multipart upload left open"
     else:
         assert temps(Path(dest) / job_id) == [], "no temporary file left in the job folder"
 
@@ -326,7 +284,7 @@ def test_killed_mid_transfer_leaves_nothing_half_written(
 
     def half_written() -> bool:
         if sink == "s3":
-            uploads = [u for u in open_uploads(s3_key(dest, step_key)) if u["Key"] == s3_key(dest, step_key)]
+            uploads = [u for u in open_uploads(BUCKET, s3_key(dest, step_key)) if u["Key"] == s3_key(dest, step_key)]
             return any(boto3.client("s3").list_parts(Bucket=BUCKET, Key=u["Key"], UploadId=u["UploadId"])
                        .get("Parts") for u in uploads)
         return any(path.stat().st_size > PART_SIZE for path in temps(job_dir) if "step-01" in path.name)

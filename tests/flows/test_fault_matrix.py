@@ -34,9 +34,8 @@ import pytest
 from flows.video import produce_video
 from kling_tasks.api.auth import auth_from_settings
 from kling_tasks.api.lookup import TaskFinder
-from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+from kling_tasks.jobs import VideoJob, plan_job
 from kling_tasks.settings import load_settings
-from tests.conftest import quiet_werkzeug
 from tests.flows.conftest import EMULATOR_AK, EMULATOR_API_KEY, EMULATOR_SK
 from tests.flows.matrix_support import (
     BUCKET,
@@ -45,11 +44,15 @@ from tests.flows.matrix_support import (
     Served,
     assert_consistent,
     assert_finished_whole,
+    aws_env,
     duplicates,
     job_tasks,
+    moto_server,
     new_job_id,
     pick,
+    planned_ids,
     record,
+    video_job,
 )
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("prefect_server")]
@@ -207,16 +210,8 @@ def emulators() -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def moto_s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    quiet_werkzeug()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -224,11 +219,7 @@ def case_env(emulators: dict[str, Any], moto_s3: str, monkeypatch: pytest.Monkey
     """Points this process at one provider's emulator (a fresh process: no lookup proofs, no known tasks)."""
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
-    aws = {"AWS_ENDPOINT_URL": moto_s3, "AWS_ACCESS_KEY_ID": "testing-access-key",
-           "AWS_SECRET_ACCESS_KEY": "testing-secret-key", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "no-aws" / "config"),
-           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws" / "credentials")}
-    for name, value in aws.items():
+    for name, value in aws_env(moto_s3, tmp_path / "no-aws").items():
         monkeypatch.setenv(name, value)
     with contextlib.suppress(Exception):
         boto3.client("s3").create_bucket(Bucket=BUCKET)
@@ -266,11 +257,12 @@ def earlier_task(emulator: Any) -> None:
     assert answer.status_code == 200, answer.text
 
 
+PROMPT = "a heron wading at dawn"
+EXTENSIONS = ("the heron takes off", "it crosses the lake")
+
+
 def make_job(dest: str, job_id: str) -> VideoJob:
-    return VideoJob(generate=GenerationSpec(prompt="a heron wading at dawn"),
-                    extensions=[ExtensionSpec(prompt="the heron takes off"),
-                                ExtensionSpec(prompt="it crosses the lake")],
-                    dest=dest, job_id=job_id)
+    return video_job(dest, job_id, PROMPT, EXTENSIONS)
 
 
 @pytest.mark.parametrize("case", QUICK, ids=lambda case: case.id)
@@ -361,8 +353,9 @@ def test_a_fatal_stop_is_one_line_of_the_cli_naming_the_step_and_the_code(case_e
     emulator = case_env("kling", {})
     emulator.set_faults({"rules": on_reads("wait", http_error(1102))})
     job_id = new_job_id("fm-cli")
-    result = CliRunner().invoke(app, ["run", "--prompt", "a heron wading at dawn", "--extend", "the heron takes off",
-                                      "--dest", str(tmp_path / "out"), "--job-id", job_id])
+    dest = str(tmp_path / "out")
+    command = ["run", "--prompt", PROMPT, "--extend", EXTENSIONS[0], "--dest", dest, "--job-id", job_id]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.output, result.output
@@ -370,13 +363,9 @@ def test_a_fatal_stop_is_one_line_of_the_cli_naming_the_step_and_the_code(case_e
     assert errors[0] == result.output.strip().splitlines()[-1], "the stop is the last line"
 
     emulator.set_faults(None)  # the pack is topped up: the same command completes, paying for nothing twice
-    dest = str(tmp_path / "out")
-    rerun = CliRunner().invoke(app, ["run", "--prompt", "a heron wading at dawn", "--extend", "the heron takes off",
-                                     "--dest", dest, "--job-id", job_id])
+    rerun = CliRunner().invoke(app, command)
     assert rerun.exit_code == 0, rerun.output
-    job = VideoJob(generate=GenerationSpec(prompt="a heron wading at dawn"),
-                   extensions=[ExtensionSpec(prompt="the heron takes off")], dest=dest, job_id=job_id)
-    assert_finished_whole(emulator, dest, job_id, [step.external_task_id for step in plan_job(job).steps])
+    assert_finished_whole(emulator, dest, job_id, planned_ids(dest, job_id, PROMPT, EXTENSIONS[:1]))
 
 
 @pytest.mark.skipif(not FULL, reason="full matrix only (KLING_MATRIX=full): timing-bound; the settle rule is "
