@@ -7,7 +7,9 @@ A rerun of a finished job needs no flow run when its video is *proven* delivered
   `stored` with its task id and sha256;
 - `final.mp4` there is the last step's video: its sha256 is the one the manifest records for the last step,
   and on S3 its metadata carries the last step's task id (a folder keeps no metadata: there the ledger's
-  sha256 against the file's bytes is the proof), and it is where the manifest says the final video is.
+  sha256 against the file's bytes is the proof), and it is where the manifest says the final video is;
+- every step's video (and a last-frame job's clips) is still there with the sha256 the manifest records: a
+  deleted or replaced one is put back by the flow, as a rerun always did.
 
 Anything less (no manifest, another spec or account, a failed or running job, an object that is missing or
 not this task's) is not proven, and the caller runs the flow, which decides as it always does. The checks
@@ -20,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kling_tasks.jobs import Plan, VideoJob
-from kling_tasks.manifest import Manifest, final_key, strip_secrets
+from kling_tasks.manifest import Manifest, clip_key, final_key, step_key, strip_secrets
 from kling_tasks.preflight import prepare
 from kling_tasks.settings import KlingSettings
 from kling_tasks.storage import LocalSink, Sink, StoredObject
@@ -69,6 +71,19 @@ def final_mismatch(sink: Sink, manifest: Manifest, final: StoredObject | None) -
     return None
 
 
+def stored_steps_mismatch(sink: Sink, manifest: Manifest) -> str | None:
+    """Why a step's video or clip is not stored as the ledger records it, or None when every one is."""
+    for record in manifest.steps:
+        expected = [(step_key(manifest.job_id, record.index), record.sha256)]
+        if record.clip_sha256 is not None:
+            expected.append((clip_key(manifest.job_id, record.index), record.clip_sha256))
+        for key, sha256 in expected:
+            stored = sink.head(key)
+            if stored is None or stored.sha256 != sha256:
+                return f"{key} is missing or not the video the manifest records"
+    return None
+
+
 def proven_final(job: VideoJob, settings: KlingSettings) -> Verdict:
     """The job's final video if the ledger and the stored object prove it finished (see the module doc).
 
@@ -80,5 +95,5 @@ def proven_final(job: VideoJob, settings: KlingSettings) -> Verdict:
     if why is not None or manifest is None:
         return Verdict(None, why)
     final = prepared.sink.head(final_key(prepared.plan.job_id))
-    why = final_mismatch(prepared.sink, manifest, final)
+    why = final_mismatch(prepared.sink, manifest, final) or stored_steps_mismatch(prepared.sink, manifest)
     return Verdict(None, why) if why is not None else Verdict(final)

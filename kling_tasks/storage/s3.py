@@ -337,11 +337,14 @@ class S3Sink:
         if dst is not None and (dst.sha256, dst.task_id) == (src.sha256, src.task_id):
             return dst
         try:  # CopyObject handles up to 5 GiB, far above a 3-minute video
+            # A fresh full-object CRC32: a multipart source's composite checksum would otherwise be carried over
+            # as if it were the whole object's (moto does), and boto3's GET validation would refuse the copy.
             self.client.copy_object(
                 Bucket=self.bucket,
                 Key=self._full(dst_key),
                 MetadataDirective="COPY",
                 CopySource={"Bucket": self.bucket, "Key": self._full(src_key)},
+                ChecksumAlgorithm="CRC32",
             )
         except (BotoCoreError, ClientError) as exc:
             raise self.error(exc, "copy within") from None

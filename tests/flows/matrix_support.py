@@ -106,6 +106,14 @@ def s3_key(dest: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
+def s3_sha256(head: dict[str, Any], bucket: str, key: str) -> str | None:
+    """The sha256 an S3 object carries: in its metadata (one PutObject), else as its `sha256` tag (multipart)."""
+    if "sha256" in head["Metadata"]:
+        return str(head["Metadata"]["sha256"])
+    tags = boto3.client("s3").get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    return next((tag["Value"] for tag in tags if tag["Key"] == "sha256"), None)
+
+
 def read(dest: str, key: str) -> bytes | None:
     """The bytes stored under `key` at the destination (S3 or a folder), None if nothing is there."""
     if is_s3(dest):

@@ -60,14 +60,19 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServe
     """A Prefect server of this module's own: the Artifacts page lists every key of its server in a virtual
     scroller, so on the session's shared server (hundreds of keys from other tests) this job's keys may lie
     outside the rendered window."""
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = PrefectServer.start(lambda: tmp_path_factory.mktemp("prefect-ui-server"))
     try:
+        # The process's events worker keeps the client of the server it first sent to (an earlier test module
+        # in this worker process): stopped here, the next event starts one for this server, and after it.
+        EventsWorker.drain_all(timeout=10)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server
             APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
     finally:
         server.stop()
 

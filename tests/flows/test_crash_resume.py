@@ -33,6 +33,7 @@ from tests.flows.matrix_support import (
     planned_ids,
     read,
     s3_key,
+    s3_sha256,
     sha256,
     temps,
     uri_of,
@@ -136,7 +137,8 @@ def assert_resumed_whole(emulator: Any, dest: str, job_id: str, ids: list[str]) 
         if dest.startswith("s3://"):
             head = s3.head_object(Bucket=BUCKET, Key=s3_key(dest, key))
             assert head["ContentLength"] == step["size"]
-            assert (head["Metadata"]["task_id"], head["Metadata"]["sha256"]) == (step["task_id"], step["sha256"])
+            assert (head["Metadata"]["task_id"], s3_sha256(head, BUCKET, s3_key(dest, key))) == (
+                step["task_id"], step["sha256"])
     final = read(dest, f"{job_id}/final.mp4")
     assert final is not None
     assert sha256(final) == served.sha256_of_task(task_of[ids[-1]]) == manifest["steps"][-1]["sha256"]

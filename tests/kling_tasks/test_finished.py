@@ -1,4 +1,4 @@
-"""A finished job is proven only by its whole ledger and its stored final.mp4; every gap is named."""
+"""A finished job is proven only by its whole ledger and its stored videos; every gap is named."""
 
 from __future__ import annotations
 
@@ -33,10 +33,20 @@ def finished(tmp_path: Path, image: str | None = None) -> tuple[VideoJob, LocalS
                         content_digest=s.content_digest, task_id=f"task-{s.index}", status="stored",
                         size=len(video), sha256=hashlib.sha256(video).hexdigest())
              for s, video in zip(plan.steps, VIDEOS, strict=True)]
+    for index, video in enumerate(VIDEOS):
+        sink.write_bytes(f"kite/step-{index:02d}.mp4", video, "video/mp4")
     final = sink.write_bytes("kite/final.mp4", VIDEOS[-1], "video/mp4")
     save_manifest(sink, Manifest(job_id="kite", provider="kling", account=account_fingerprint(SETTINGS),
                                  spec=job.public_spec(), steps=steps, status="succeeded", final_uri=final.uri))
     return job, sink
+
+
+def test_a_deleted_or_replaced_step_video_is_not_proven(tmp_path: Path) -> None:
+    job, sink = finished(tmp_path)
+    (tmp_path / "kite" / "step-00.mp4").unlink()  # the flow puts it back; the fast path must not skip that
+    assert proven_final(job, SETTINGS).reason == "kite/step-00.mp4 is missing or not the video the manifest records"
+    sink.write_bytes("kite/step-00.mp4", b"another video", "video/mp4")
+    assert proven_final(job, SETTINGS).reason == "kite/step-00.mp4 is missing or not the video the manifest records"
 
 
 def edit(sink: LocalSink, **fields: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
@@ -37,3 +39,15 @@ def test_a_copy_over_another_video_replaces_it(bucket: str) -> None:
     final = sink.copy("job1/step-02.mp4", "job1/final.mp4")
     assert final.sha256 == step.sha256
     assert sink.read_bytes("job1/final.mp4") == b"the new last step"
+
+
+def test_a_copy_of_a_multipart_video_reads_back_through_boto3s_checksum_check(bucket: str, tmp_path: Path) -> None:
+    """A multipart object's checksum is a composite of its parts'; a copy given that value as the whole
+    object's (moto carries it over) made every checked GET of final.mp4 or a one-clip stitch fail."""
+    video = tmp_path / "step.mp4"
+    video.write_bytes(os.urandom(12 * 1024 * 1024))  # over one 5 MiB part: a multipart upload
+    sink = S3Sink(bucket, "videos")
+    sink.store_file(video, "job1/step-01.mp4", metadata={"task_id": "task-1"})
+    sink.copy("job1/step-01.mp4", "job1/final.mp4")
+    body = boto3.client("s3").get_object(Bucket=bucket, Key="videos/job1/final.mp4", ChecksumMode="ENABLED")["Body"]
+    assert body.read() == video.read_bytes()
