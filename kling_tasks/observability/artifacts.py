@@ -1,4 +1,4 @@
-"""Prefect artifacts of a job: an observer of the job's ledger (kling_tasks.recorder), updated on every change.
+"""Prefect artifacts of a job: an observer of the job's ledger (kling_tasks.recorder), updated as it changes.
 
 Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and version per job):
   {job_id}-progress  progress bar, created once per run and updated in place as steps move
@@ -7,9 +7,9 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
   {job_id}-summary   markdown: contact sheet, total length, credits, wall time, manifest location
 
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
-The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS per job (the ledger's messenger
-holds the newest change back; kling_tasks.messenger), always at the job's end and on its failure, and never
-when their content did not change: each write costs the worker and the Prefect server CPU.
+The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS (5 s) per job (the ledger's
+messenger holds the newest change back; kling_tasks.messenger), always at the job's end and on its failure, and
+never when their content did not change: each write is an HTTP call and an event, worker and server CPU.
 A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
 One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
 artifact helpers would hand back un-awaited coroutines when called from the async flow.
@@ -43,7 +43,10 @@ from kling_tasks.storage import Sink, StoredObject
 logger = logging.getLogger(__name__)
 
 INLINE_IMAGE_MAX_BYTES = 256 * 1024  # a local sheet up to this size is embedded as a data: URI
-MIN_INTERVAL_SECONDS = 1.0  # the progress bar and the table: at most one write a second per job
+# The progress bar and the table: at most one write per job this often. A step's ~5 ledger changes come seconds
+# apart on a busy worker, so one second merged almost none of them (bench/overhead.py); five merge the create's
+# and the end's, and a picture five seconds old is fresh for a Kling task of minutes.
+MIN_INTERVAL_SECONDS = 5.0
 _STAGE_WEIGHT = {"pending": 0, "submitting": 0, "submitted": 1, "processing": 1, "succeed": 2, "failed": 2, "stored": 3}
 _KEY_JUNK = re.compile(r"[^a-z0-9-]+")
 
