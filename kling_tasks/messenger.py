@@ -8,8 +8,11 @@ ledger themselves); every other observer (events: one per transition) gets all.
 
 An observer may also set `min_interval` (seconds): its `changed` is then told at most that often, the newest one
 held back until its time comes (a job's end or failure is told at once, and a `flush()` returns only once what
-was held has been told: a job's last picture is complete). Each artifact write costs the worker and the Prefect
-server CPU; a step makes ~5 ledger changes within about a second, and a progress bar needs one picture a second.
+was held has been told: a job's last picture is complete). The interval also grows with the jobs open in this
+process, so that all of them together are told at most WRITES_PER_SECOND changes a second: each artifact write
+costs the worker and the Prefect server CPU, and 500 jobs in one process must not cost 10x what 50 do.
+
+`close()` (the job's ledger is closed) tells what is held and ends the thread.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+WRITES_PER_SECOND = 5.0  # all open jobs' throttled observers together, at most (their interval stretches)
+
 # Hooks that hand a coalescing observer the whole ledger: each supersedes a `changed` waiting before it.
 _WHOLE_LEDGER = ("changed", "failed", "finished")
 
@@ -38,6 +43,9 @@ class _Note:
 
 
 class Messenger:
+    _open = 0  # open messengers with a throttled observer (a job's artifacts), in this process
+    _open_lock = threading.Lock()
+
     def __init__(self, observers: Sequence[object], on_error: Callable[[str, Exception], None],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.observers = list(observers)
@@ -47,6 +55,11 @@ class Messenger:
         self._held: dict[int, _Note] = {}
         self._told_at: dict[int, float] = {}
         self._notes: queue.SimpleQueue[_Note] = queue.SimpleQueue()
+        self._closed = False
+        self._throttled = any(float(getattr(o, "min_interval", 0.0) or 0.0) > 0 for o in self.observers)
+        if self._throttled:
+            with Messenger._open_lock:
+                Messenger._open += 1
         # The thread runs in a copy of the creator's context: Prefect's run context (events relate to the
         # flow run, logs go to it) follows the notifications.
         context = contextvars.copy_context()
@@ -54,45 +67,73 @@ class Messenger:
                                         daemon=True)
         self._thread.start()
 
+    @classmethod
+    def open_count(cls) -> int:
+        return cls._open
+
+    def interval(self, observer: object) -> float:
+        """How long `observer`'s changes are held: its min_interval, stretched to the process's write budget."""
+        base = float(getattr(observer, "min_interval", 0.0) or 0.0)
+        return max(base, Messenger._open / WRITES_PER_SECOND) if base > 0 else 0.0  # 500 jobs: 100 s
+
     def tell(self, hook: str, *args: Any) -> None:
-        self._notes.put(_Note(hook, args))
+        if not self._closed:
+            self._notes.put(_Note(hook, args))
+
+    def close(self) -> None:
+        """No more news: what is held is told, then the thread ends (it does not wait for that)."""
+        if not self._closed:
+            self._closed = True
+            self._notes.put(_Note("close", ()))
 
     def flush(self, timeout: float = 120.0) -> None:
         """Wait until everything told so far has been delivered (the end of a job: artifacts are complete)."""
+        if self._closed:
+            return
         done = threading.Event()
         self._notes.put(_Note("", (), done))
         if not done.wait(timeout):
             logger.warning("observers of the ledger did not catch up within %.0f s", timeout)
 
     def _deliver(self) -> None:
-        while True:
-            batch = self._next_batch()
-            for index, observer in enumerate(self.observers):
-                interval = float(getattr(observer, "min_interval", 0.0) or 0.0)
-                for position, note in enumerate(batch):
-                    if note.done is not None:
-                        self._tell_held(index, observer)
-                    elif self._superseded(observer, batch, position):
-                        continue
-                    elif note.hook == "changed" and interval > 0:
-                        self._held[index] = note
-                        if self.clock() - self._told_at.get(index, -float("inf")) >= interval:
-                            self._tell_held(index, observer)
-                    else:
-                        if getattr(observer, "coalesce", False) and note.hook in _WHOLE_LEDGER:
-                            self._held.pop(index, None)  # this hook shows the newer ledger itself
-                        self._tell_held(index, observer)
-                        self._tell(index, observer, note)
-                if index in self._held and self.clock() >= self._told_at.get(index, 0.0) + interval:
+        try:
+            while self._deliver_batch():
+                pass
+        finally:
+            if self._throttled:
+                with Messenger._open_lock:
+                    Messenger._open -= 1
+
+    def _deliver_batch(self) -> bool:
+        """Tell one batch of notes; False once the messenger was closed."""
+        batch = self._next_batch()
+        closing = any(note.hook == "close" for note in batch)
+        for index, observer in enumerate(self.observers):
+            interval = self.interval(observer)
+            for position, note in enumerate(batch):
+                if note.done is not None or note.hook == "close":
                     self._tell_held(index, observer)
-            for note in batch:
-                if note.done is not None:
-                    note.done.set()
+                elif self._superseded(observer, batch, position):
+                    continue
+                elif note.hook == "changed" and interval > 0:
+                    self._held[index] = note
+                    if self.clock() - self._told_at.get(index, -float("inf")) >= interval:
+                        self._tell_held(index, observer)
+                else:
+                    if getattr(observer, "coalesce", False) and note.hook in _WHOLE_LEDGER:
+                        self._held.pop(index, None)  # this hook shows the newer ledger itself
+                    self._tell_held(index, observer)
+                    self._tell(index, observer, note)
+            if index in self._held and self.clock() >= self._told_at.get(index, 0.0) + interval:
+                self._tell_held(index, observer)
+        for note in batch:
+            if note.done is not None:
+                note.done.set()
+        return not closing
 
     def _next_batch(self) -> list[_Note]:
         """Everything waiting; blocks until a note comes or a held change falls due (then maybe nothing)."""
-        due = [self._told_at.get(index, 0.0) + float(getattr(self.observers[index], "min_interval", 0.0) or 0.0)
-               for index in self._held]
+        due = [self._told_at.get(index, 0.0) + self.interval(self.observers[index]) for index in self._held]
         timeout = max(0.0, min(due) - self.clock()) if due else None
         try:
             batch = [self._notes.get(timeout=timeout)]

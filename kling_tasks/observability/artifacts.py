@@ -7,9 +7,10 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
   {job_id}-summary   markdown: contact sheet, total length, credits, wall time, manifest location
 
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
-The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS (5 s) per job (the ledger's
-messenger holds the newest change back; kling_tasks.messenger), always at the job's end and on its failure, and
-never when their content did not change: each write is an HTTP call and an event, worker and server CPU.
+The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS (5 s) per job, stretched so
+that all the jobs open in the process write at most 5 pictures a second (500 jobs: each every 100 s; the ledger's
+messenger holds the newest change back, kling_tasks.messenger), always at the job's end, on its failure and when
+its ledger closes, and never when their content did not change: each write is an HTTP call and an event.
 A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
 One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
 artifact helpers would hand back un-awaited coroutines when called from the async flow.
