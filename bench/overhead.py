@@ -25,6 +25,7 @@ import uuid
 from contextlib import ExitStack
 from typing import Any
 
+import api_calls
 import common
 
 EXTEND_LATENCY = 320.0
@@ -67,10 +68,13 @@ def run_batch(n: int, steps: int, dest: str, tag: str) -> tuple[float, float, li
     return wall, cpu, manifest.jobs if manifest is not None else []
 
 
-def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str) -> dict[str, Any]:
+def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
+            calls: api_calls.Counts) -> dict[str, Any]:
     server_cpu0 = common.group_cpu_seconds(common.SERVER_PID)
     emu_cpu0 = common.group_cpu_seconds(emu.child.process.pid)
+    calls0 = calls.snapshot()
     wall, cpu, entries = run_batch(n, steps, dest, tag)
+    prefect_calls = api_calls.per_step(calls0, calls.snapshot(), max(1, n * steps))
     server_cpu = common.group_cpu_seconds(common.SERVER_PID) - server_cpu0
     emu_cpu = common.group_cpu_seconds(emu.child.process.pid) - emu_cpu0
     stats = emu.stats()
@@ -85,6 +89,7 @@ def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str) -> di
             "prefect_server_cpu_per_step_s": round(server_cpu / max(1, n * steps), 4) if common.SERVER_PID else None,
             "emulator_cpu_per_step_s": round(emu_cpu / max(1, n * steps), 4),
             "polls_per_task": common.stats(polls_of(stats, tag)),
+            "prefect_calls_per_step": prefect_calls,
             "concurrency_high_water": stats["concurrency_high_water"]}
 
 
@@ -116,17 +121,21 @@ def main() -> None:
                            "false", "PREFECT_LOGGING_LEVEL": "WARNING", "KLING_MAX_CONCURRENCY": str(max(sizes) + 10),
                            **common.kling_env(emu.base_url, scale)})
         dest = str(tmp / "out")
+        calls = stack.enter_context(api_calls.counting(api))
         print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
-        results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w")
+        results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w", calls)
         results["runs"] = []
         for n in sizes:
             print(f"{n} concurrent jobs x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
-            row = measure(n, args.steps, dest, emu, f"{tag}n{n}")
+            row = measure(n, args.steps, dest, emu, f"{tag}n{n}", calls)
             results["runs"].append(row)
             o = row["overhead_per_step_s"]
             print(f"  {row['succeeded']}/{n} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s, "
                   f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
                   f"polls/task {row['polls_per_task'].get('mean')}, batch {row['batch_wall_s']} s", flush=True)
+            pc = row["prefect_calls_per_step"]
+            print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
+                  f"{pc['log_batches']} log batches: {pc['http']} {pc['events']}", flush=True)
             common.write_result("overhead-quick" if args.quick else "overhead", results)  # each N as it ends
         from prefect.logging.handlers import APILogWorker
 

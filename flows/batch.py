@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import cast
 from uuid import UUID
 
-from prefect import flow, get_client, get_run_logger
+from prefect import flow, get_client, get_run_logger, tags
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import arun_deployment
 from prefect.flow_runs import pause_flow_run, wait_for_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
-from flows.video import produce_video, run_date
+from flows.video import job_run_tags, produce_video, run_date
 from kling_tasks.batch_ledger import BatchEntry, BatchManifest, derived_batch_id, save_batch
 from kling_tasks.identity import account_fingerprint, digest
 from kling_tasks.image_sources import is_signed
@@ -146,7 +146,9 @@ def one_line(text: str | None) -> str:
 
 async def run_here(job: VideoJob, resubmit_failed: bool) -> str | None:
     """The job as a subflow run of this process: None when it succeeded, else why it failed."""
-    state = await produce_video(job=job, resubmit_failed=resubmit_failed, return_state=True)
+    plan = plan_job(job)
+    with tags(*job_run_tags(load_settings().provider, plan.model_name, plan.job_id)):
+        state = await produce_video(job=job, resubmit_failed=resubmit_failed, return_state=True)
     if state.is_completed():
         return None
     error = await state.aresult(raise_on_failure=False)

@@ -45,6 +45,12 @@ def job_run_name() -> str:
     return job.for_date(run_date()).effective_job_id() if isinstance(job, VideoJob) else "produce-video"
 
 
+def job_run_tags(provider: str, model_name: str, job_id: str) -> tuple[str, ...]:
+    """The tags of a job's flow run and of its task runs. A caller that knows them (produce_batch) creates the
+    run with them, which saves the artifact publisher a flow-run update per job."""
+    return (f"provider:{provider}", f"model:{model_name}", f"job:{job_id}")
+
+
 @flow(name="produce-video", flow_run_name=job_run_name)
 async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: bool = False,
                         adopt: dict[str, str] | None = None, assume_not_created: list[str] | None = None) -> str:
@@ -66,7 +72,7 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
         "job %s: %d step(s) with %s %s, estimated %g credits, storing under %s (account %s)",
         plan.job_id, len(plan.steps), plan.model_name, plan.mode, plan.estimated_credits, job.dest, account,
     )
-    run_tags = (f"provider:{settings.provider}", f"model:{plan.model_name}", f"job:{plan.job_id}")
+    run_tags = job_run_tags(settings.provider, plan.model_name, plan.job_id)
     ledger = await asyncio.to_thread(
         JobRecorder, prepared.sink, job, plan, settings.provider, prepared.previous, account=account,
         replaced=prepared.replaced, observers=default_observers(prepared.sink, plan, run_tags))

@@ -136,6 +136,7 @@ class JobRecorder:
                  tb: TracebackType | None) -> None:
         if _ACTIVE.get(self.plan.job_id) is self:
             del _ACTIVE[self.plan.job_id]
+        self._messenger.close()  # what is held is told; the observers' thread ends (a worker runs many jobs)
         if exc is not None and self.manifest.status == "running":
             # A run that stopped on an error (1102, an ambiguous create, a broken destination) says so; each step
             # keeps its own status, which is what a rerun resumes from.

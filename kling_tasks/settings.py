@@ -7,6 +7,7 @@ don't use ``populate_by_name``: pydantic-settings would then also read an unrela
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -86,8 +87,28 @@ class SettingsError(ValueError):
     """A bad environment value: one line naming the variable and what it accepts."""
 
 
+_ENV_PREFIXES = ("kling_", "cometapi_")  # every field's variable starts with one (names are case-insensitive)
+_LOADED: dict[tuple[tuple[str, str], ...], KlingSettings] = {}
+
+
 def load_settings(**overrides: Any) -> KlingSettings:
-    """KlingSettings from the environment, or SettingsError (never a pydantic traceback)."""
+    """KlingSettings from the environment, or SettingsError (never a pydantic traceback).
+
+    Without overrides, one validation per distinct set of KLING_*/COMETAPI_* variables: every submit, wait and
+    store asks, and pydantic-settings' read of the environment cost ~5 ms of CPU each time. A copy is returned,
+    so a caller that changes its settings changes only its own."""
+    if not overrides:
+        env = tuple(sorted((k.lower(), v) for k, v in os.environ.items() if k.lower().startswith(_ENV_PREFIXES)))
+        cached = _LOADED.get(env)
+        if cached is None:
+            if len(_LOADED) >= 8:  # a few environments (tests switch them), not an unbounded cache
+                _LOADED.clear()
+            cached = _LOADED[env] = _validated()
+        return cached.model_copy()
+    return _validated(**overrides)
+
+
+def _validated(**overrides: Any) -> KlingSettings:
     try:
         return KlingSettings(**overrides)
     except ValidationError as exc:

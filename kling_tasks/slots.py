@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 
 from prefect import get_client
 from prefect.concurrency.asyncio import concurrency
+from prefect.settings import PREFECT_API_URL
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,17 @@ def limit_name(account: str) -> str:
     return f"kling-account-{account}"
 
 
+_ENSURED: set[tuple[str, str, int]] = set()  # (Prefect API, account, size) made sure of in this process
+
+
 async def ensure_account_limit(account: str, size: int) -> None:
-    """Create the account's global concurrency limit, or resize it to `size` (idempotent)."""
+    """Create the account's global concurrency limit, or resize it to `size` (idempotent).
+
+    Once per process per API, account and size: a batch's jobs all ask, and each upsert is a read and a write
+    on the Prefect server. (A limit deleted while the process runs makes the next slot fail loudly: strict.)"""
+    key = (PREFECT_API_URL.value() or "", account, size)
+    if key in _ENSURED:
+        return
     async with get_client() as client:
         try:
             await client.upsert_global_concurrency_limit_by_name(limit_name(account), size)
@@ -45,6 +55,7 @@ async def ensure_account_limit(account: str, size: int) -> None:
             if "already exists" not in str(exc).lower() and "409" not in str(exc):
                 raise
             await client.upsert_global_concurrency_limit_by_name(limit_name(account), size)
+    _ENSURED.add(key)
 
 
 class HandOff:

@@ -18,11 +18,15 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kling_tasks.api import ExpectedLength
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import PrefectClient
 
 __all__ = ["LengthHistory", "MemoryStore", "PrefectVariableStore", "TaskLengthBook", "book_for", "length_key"]
 
@@ -31,7 +35,7 @@ logger = logging.getLogger(__name__)
 MAX_SAMPLES = 12  # per key: recent enough to follow Kling getting slower, enough to bound the spread
 MAX_VALUE_CHARS = 4800  # Prefect refuses variable values over 5000 characters of JSON
 REFRESH_SECONDS = 60.0
-FLUSH_DELAY_SECONDS = 2.0  # samples ending within this much of a write go out together
+FLUSH_DELAY_SECONDS = 5.0  # samples ending within this much of a write go out together (2 calls a write)
 
 
 def length_key(kind: str, model: str, mode: str, duration: str | int | float) -> str:
@@ -107,20 +111,48 @@ class LengthStore(Protocol):
 
 
 class PrefectVariableStore:
-    """The account's Prefect variable: every worker on the same Prefect server shares it."""
+    """The account's Prefect variable: every worker on the same Prefect server shares it.
+
+    A read is one GET and a write one PATCH (a POST the first time): Prefect's `Variable.aset` would read, write
+    and read back, three calls per write."""
 
     def __init__(self, account: str) -> None:
         self.name = f"kling_task_lengths_{account}"
 
     async def load(self) -> Any:
-        from prefect.variables import Variable
-
-        return await Variable.aget(self.name)
+        async with _client() as client:
+            variable = await client.read_variable_by_name(self.name)
+        return None if variable is None else variable.value
 
     async def save(self, value: dict[str, list[list[float]]]) -> None:
-        from prefect.variables import Variable
+        import httpx
+        from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+        from prefect.exceptions import ObjectAlreadyExists
 
-        await Variable.aset(self.name, value, overwrite=True)
+        async with _client() as client:
+            try:
+                await client.update_variable(VariableUpdate(name=self.name, value=value))
+                return
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 404:
+                    raise
+            try:
+                await client.create_variable(VariableCreate(name=self.name, value=value))
+            except ObjectAlreadyExists:  # another worker created it just now
+                await client.update_variable(VariableUpdate(name=self.name, value=value))
+
+
+@asynccontextmanager
+async def _client() -> AsyncIterator[PrefectClient]:
+    """The run's Prefect client when there is one (no new connection), else a client for this call."""
+    from prefect.client.utilities import get_or_create_client
+
+    client, from_context = get_or_create_client()
+    if from_context:
+        yield client
+    else:
+        async with client:
+            yield client
 
 
 class MemoryStore:

@@ -1,4 +1,4 @@
-"""Prefect artifacts of a job: an observer of the job's ledger (kling_tasks.recorder), updated on every change.
+"""Prefect artifacts of a job: an observer of the job's ledger (kling_tasks.recorder), updated as it changes.
 
 Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and version per job):
   {job_id}-progress  progress bar, created once per run and updated in place as steps move
@@ -7,6 +7,10 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
   {job_id}-summary   markdown: contact sheet, total length, credits, wall time, manifest location
 
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
+The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS (5 s) per job, stretched so
+that all the jobs open in the process write at most 5 pictures a second (500 jobs: each every 100 s; the ledger's
+messenger holds the newest change back, kling_tasks.messenger), always at the job's end, on its failure and when
+its ledger closes, and never when their content did not change: each write is an HTTP call and an event.
 A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
 One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
 artifact helpers would hand back un-awaited coroutines when called from the async flow.
@@ -40,6 +44,10 @@ from kling_tasks.storage import Sink, StoredObject
 logger = logging.getLogger(__name__)
 
 INLINE_IMAGE_MAX_BYTES = 256 * 1024  # a local sheet up to this size is embedded as a data: URI
+# The progress bar and the table: at most one write per job this often. A step's ~5 ledger changes come seconds
+# apart on a busy worker, so one second merged almost none of them (bench/overhead.py); five merge the create's
+# and the end's, and a picture five seconds old is fresh for a Kling task of minutes.
+MIN_INTERVAL_SECONDS = 5.0
 _STAGE_WEIGHT = {"pending": 0, "submitting": 0, "submitted": 1, "processing": 1, "succeed": 2, "failed": 2, "stored": 3}
 _KEY_JUNK = re.compile(r"[^a-z0-9-]+")
 
@@ -176,9 +184,10 @@ class ArtifactPublisher:
     """Publishes one job's artifacts into the current flow run. Create it inside the flow run."""
 
     coalesce = True  # it shows the whole ledger: of several changes waiting, the newest is enough
+    min_interval = MIN_INTERVAL_SECONDS
 
     def __init__(self, sink: Sink, job_id: str, flow_run_id: UUID, run_tags: tuple[str, ...] = (),
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, flow_run_tags: list[str] | None = None) -> None:
         self.sink = sink
         self.job_id = job_id
         self.flow_run_id = flow_run_id
@@ -186,8 +195,10 @@ class ArtifactPublisher:
         self.run_tags = run_tags
         self.clock = clock
         self.started_at = clock()
+        self.flow_run_tags = flow_run_tags  # the run's tags as it was created; None: read them from the API
         self.progress_id: UUID | None = None
         self.table_id: UUID | None = None
+        self._published: dict[UUID, tuple[Any, str]] = {}  # artifact id -> what it shows now
 
     @contextmanager
     def _best_effort(self, what: str) -> Iterator[None]:
@@ -200,10 +211,14 @@ class ArtifactPublisher:
     def _create(self, key: str, kind: str, data: Any, description: str) -> UUID:
         created = shared_client().create_artifact(ArtifactCreate(
             key=key, type=kind, data=data, description=description, flow_run_id=self.flow_run_id))
+        self._published[created.id] = (data, description)
         return created.id
 
     def _update(self, artifact_id: UUID, data: Any, description: str) -> None:
+        if self._published.get(artifact_id) == (data, description):
+            return  # unchanged (a status word the ledger does not keep, a rerun's Cached step): no write
         shared_client().update_artifact(artifact_id, ArtifactUpdate(data=data, description=description))
+        self._published[artifact_id] = (data, description)
 
     def _publish_table(self, manifest: Manifest) -> None:
         # Same encoding as prefect.artifacts.create_table_artifact: a JSON string of the rows.
@@ -225,8 +240,10 @@ class ArtifactPublisher:
         if self.run_tags:
             with self._best_effort("flow-run tags"):
                 client = shared_client()
-                current = client.read_flow_run(self.flow_run_id).tags or []
-                client.update_flow_run(self.flow_run_id, tags=sorted({*current, *self.run_tags}))
+                current = (self.flow_run_tags if self.flow_run_tags is not None
+                           else client.read_flow_run(self.flow_run_id).tags or [])
+                if not set(self.run_tags) <= set(current):
+                    client.update_flow_run(self.flow_run_id, tags=sorted({*current, *self.run_tags}))
         self.changed(manifest)
 
     def changed(self, manifest: Manifest, transition: object = None) -> None:
@@ -287,4 +304,5 @@ def publisher_for_current_run(sink: Sink, job_id: str, run_tags: tuple[str, ...]
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         return None
-    return ArtifactPublisher(sink, job_id, context.flow_run.id, run_tags)
+    return ArtifactPublisher(sink, job_id, context.flow_run.id, run_tags,
+                             flow_run_tags=list(context.flow_run.tags or []))

@@ -38,6 +38,8 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
     overhead = result("overhead", output)
     assert overhead["runs"] and all(r["succeeded"] == r["jobs"] for r in overhead["runs"])
     assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in overhead["runs"])
+    assert all(r["prefect_calls_per_step"]["events"].get("prefect.task-run.*", 0) >= 9 for r in overhead["runs"]), \
+        "the Prefect calls are counted: three task runs per step, each Pending, Running, Completed"
     batch = result("batch", output)
     assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
     makespan = result("makespan", output)

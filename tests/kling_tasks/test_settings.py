@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from kling_tasks.settings import KlingSettings
+from kling_tasks.settings import KlingSettings, SettingsError, load_settings
 
 ENV = {
     "KLING_PROVIDER": "cometapi",
@@ -111,3 +111,17 @@ def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch: pytest.MonkeyP
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_settings_follow_the_environment_and_each_caller_gets_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KLING_MAX_CONCURRENCY", "7")
+    first = load_settings()
+    assert first.max_concurrency == 7
+    first.max_concurrency = 99  # a caller's change stays its own
+    assert load_settings().max_concurrency == 7
+    monkeypatch.setenv("kling_max_concurrency", "8")  # names are case-insensitive, like pydantic-settings'
+    monkeypatch.delenv("KLING_MAX_CONCURRENCY")
+    assert load_settings().max_concurrency == 8, "a changed environment is read again"
+    monkeypatch.setenv("KLING_POLL_MIN_SECONDS", "-1")
+    with pytest.raises(SettingsError):
+        load_settings()

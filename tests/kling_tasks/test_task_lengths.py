@@ -138,3 +138,6 @@ async def test_the_prefect_variable_is_shared_by_every_book(prefect_server: Any)
     from prefect.variables import Variable
 
     assert await Variable.aget(f"kling_task_lengths_{account}") == {KEY: [[30.0, 290.0]]}
+    second.record(KEY, 31.0, 295.0)
+    assert await second.flush(), "an existing variable is updated in place"
+    assert await Variable.aget(f"kling_task_lengths_{account}") == {KEY: [[30.0, 290.0], [31.0, 295.0]]}

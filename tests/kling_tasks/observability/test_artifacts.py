@@ -114,3 +114,48 @@ def test_local_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_publisher_outside_a_flow_run(tmp_path: Path) -> None:
     assert artifacts.publisher_for_current_run(LocalSink(tmp_path), "job-1") is None
+
+
+class RecordingClient:
+    """A sync Prefect client that records the calls it gets (artifact ids are fresh uuids)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __enter__(self) -> RecordingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def create_artifact(self, artifact: object) -> object:
+        self.calls.append(f"create {artifact.key}")  # type: ignore[attr-defined]
+        return type("Created", (), {"id": uuid.uuid4()})()
+
+    def update_artifact(self, artifact_id: uuid.UUID, update: object) -> None:
+        self.calls.append("update")
+
+    def read_flow_run(self, flow_run_id: uuid.UUID) -> object:
+        self.calls.append("read flow run")
+        return type("Run", (), {"tags": []})()
+
+    def update_flow_run(self, flow_run_id: uuid.UUID, tags: list[str]) -> None:
+        self.calls.append(f"tag {','.join(tags)}")
+
+
+def test_unchanged_pictures_and_known_tags_are_not_written_again(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    client = RecordingClient()
+    monkeypatch.setattr(artifacts, "get_client", lambda **_: client)
+    monkeypatch.setattr(artifacts, "_CLIENTS", {})
+    tagged = ArtifactPublisher(LocalSink(tmp_path), "job-1", uuid.uuid4(), ("job:job-1",),
+                               flow_run_tags=["job:job-1", "other"])
+    tagged.started(manifest(["pending"]))
+    tagged.changed(manifest(["pending"]))  # a status word the ledger does not keep: the same picture
+    tagged.changed(manifest(["submitted"]))
+    assert client.calls == ["create job-1-progress", "create job-1-steps", "update", "update"], \
+        "the run already carries its tags (no read, no write); an unchanged picture is not written"
+    client.calls.clear()
+    untagged = ArtifactPublisher(LocalSink(tmp_path), "job-2", uuid.uuid4(), ("job:job-2",), flow_run_tags=["x"])
+    untagged.started(manifest(["pending"]))
+    assert client.calls[0] == "tag job:job-2,x", "tags the run lacks are added, from the tags it was created with"

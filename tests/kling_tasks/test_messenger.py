@@ -1,0 +1,126 @@
+"""The ledger's messenger: a coalescing observer with a min_interval is told the newest change at most that often
+(stretched by the jobs open in the process), always ends on the ledger's last state, and hears a job's end at once;
+other observers still hear everything; closing the ledger tells what is held and ends the thread."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kling_tasks import messenger
+from kling_tasks.jobs import ExtensionSpec, GenerationSpec, VideoJob, plan_job
+from kling_tasks.manifest import Manifest
+from kling_tasks.messenger import Messenger
+from kling_tasks.recorder import JobRecorder
+from kling_tasks.storage import LocalSink
+from tests.kling_tasks.test_recorder import FakeObserver, make, run_steps, submission
+
+
+class Throttled(FakeObserver):
+    coalesce = True
+
+    def __init__(self, interval: float) -> None:
+        super().__init__()
+        self.min_interval = interval
+        self.told_at: list[float] = []
+
+    def _record(self, hook: str, manifest: Manifest, extra: Any = None) -> None:
+        self.told_at.append(time.monotonic())
+        super()._record(hook, manifest, extra)
+
+
+def statuses(observer: FakeObserver) -> list[Any]:
+    return [extra for hook, _, extra in observer.calls if hook == "changed"]
+
+
+def wait_for(condition: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_burst_of_changes_is_one_write_that_ends_on_the_last_state(tmp_path: Path) -> None:
+    throttled, every = Throttled(interval=30.0), FakeObserver()
+    job = VideoJob(generate=GenerationSpec(prompt="a kite"), extensions=[ExtensionSpec(prompt="higher")],
+                   dest=str(tmp_path), job_id="kite")
+    plan, sink = plan_job(job), LocalSink(tmp_path)
+    with JobRecorder(sink, job, plan, "kling", None, account="acc", observers=[throttled, every]) as recorder:
+        run_steps(recorder, sink, plan)  # 10 ledger changes within milliseconds
+        recorder.flush()
+    assert [hook for hook, _, _ in throttled.calls] == ["started", "changed"], "held back, then told at the flush"
+    assert statuses(throttled)[-1] == ["stored", "stored"], "the picture ends on the ledger's last state"
+    assert len(every.transitions) == 10, "an observer without min_interval still hears every transition"
+
+
+def test_a_held_change_goes_out_on_its_own_when_its_time_comes(tmp_path: Path) -> None:
+    throttled = Throttled(interval=0.3)
+    recorder, _, plan = make(tmp_path, throttled)  # `started` is told at once
+    with recorder:
+        recorder.submitting(plan.steps[0])  # within the interval: held
+        wait_for(lambda: len(throttled.calls) >= 2)
+    assert statuses(throttled) == [["submitting", "pending"]], "told without another change or a flush"
+    assert throttled.told_at[1] - throttled.told_at[0] >= 0.29, "not before its interval"
+
+
+def test_the_end_of_a_job_is_told_at_once_and_shows_the_whole_ledger(tmp_path: Path) -> None:
+    throttled = Throttled(interval=30.0)
+    recorder, sink, plan = make(tmp_path, throttled)
+    with recorder:
+        run_steps(recorder, sink, plan)
+        started = time.monotonic()
+        recorder.finish()  # tells `finished` and flushes
+    assert time.monotonic() - started < 10, "the 30 s interval does not delay the job's end"
+    assert [hook for hook, _, _ in throttled.calls] == ["started", "finished"], \
+        "the held change is superseded by `finished`, which carries the newer ledger"
+    assert throttled.calls[-1][1] == "succeeded"
+
+
+def test_a_failure_is_told_at_once(tmp_path: Path) -> None:
+    throttled = Throttled(interval=30.0)
+    recorder, _, plan = make(tmp_path, throttled)
+    with recorder:
+        recorder.submitted(plan.steps[0], submission(0))
+        recorder.failed(plan.steps[0], "content policy")
+    assert [hook for hook, _, _ in throttled.calls] == ["started", "failed"]
+    assert throttled.calls[-1][1] == "failed"
+
+
+def test_closing_the_ledger_tells_what_is_held_and_ends_the_thread(tmp_path: Path) -> None:
+    throttled = Throttled(interval=30.0)
+    recorder, _, plan = make(tmp_path, throttled)
+    open_before = Messenger.open_count()
+    with pytest.raises(RuntimeError), recorder:
+        recorder.submitting(plan.steps[0])  # held, then the run stops on an error: no failed hook
+        raise RuntimeError("an ambiguous create")
+    wait_for(lambda: not recorder._messenger._thread.is_alive())
+    assert statuses(throttled) == [["submitting", "pending"]], "the last picture was told at the close"
+    assert not recorder._messenger._thread.is_alive() and Messenger.open_count() == open_before - 1
+
+
+def test_the_interval_stretches_with_the_jobs_open_in_the_process(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Messenger, "_open", 0)
+    first = Messenger([Throttled(interval=1.0)], lambda *_: None)
+    assert first.interval(first.observers[0]) == 1.0 and first.interval(FakeObserver()) == 0.0
+    more = [Messenger([Throttled(interval=1.0)], lambda *_: None) for _ in range(19)]
+    assert first.interval(first.observers[0]) == 20 / messenger.WRITES_PER_SECOND, "20 jobs share the budget"
+    for m in [first, *more]:
+        m.close()
+    wait_for(lambda: Messenger.open_count() == 0)
+    assert Messenger.open_count() == 0
+
+
+def test_transitions_still_reach_a_throttled_observer_in_order(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(messenger, "WRITES_PER_SECOND", 1e9)  # other open jobs in this process: no stretch
+    observer = Throttled(interval=0.05)
+    recorder, _, plan = make(tmp_path, observer)
+    with recorder:
+        for step in plan.steps:
+            recorder.submitting(step)
+            time.sleep(0.15)  # each change after the interval: each is told
+        recorder.flush()
+    assert observer.transitions == [(0, "submitting"), (1, "submitting")]
