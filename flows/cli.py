@@ -70,7 +70,7 @@ AssumeNotCreated = Annotated[list[str] | None, typer.Option(
     "--assume-not-created", metavar="EXTERNAL_ID",
     help="A create whose outcome was unknown made nothing (checked in the console): pay for it again.")]
 NoFastPath = Annotated[bool, typer.Option(
-    "--no-fast-path", help="Run the flow even when the job's manifest and stored final.mp4 prove it finished.")]
+    "--no-fast-path", help="Run the flow even when the job's manifest and stored videos prove it finished.")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -191,7 +191,7 @@ def run(prompt: Prompt, negative_prompt: NegativePrompt = None, image: Image = N
 
 
 def served_from_ledger(job: VideoJob) -> str | None:
-    """A finished job's final URI when its manifest and stored final.mp4 prove it (kling_tasks.finished): no
+    """A finished job's final URI when its manifest and stored videos prove it (kling_tasks.finished): no
     Prefect import, no flow run, no Kling request. None sends the caller down the normal path."""
     from kling_tasks.finished import proven_final
 

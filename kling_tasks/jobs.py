@@ -51,8 +51,6 @@ Continuation = Literal["auto", "extend", "last-frame"]
 StepSource = Literal["generate", "extend", "last-frame"]
 
 
-
-
 class GenerationSpec(BaseModel):
     """The first step: text2video, or image2video when `image` is set."""
 

@@ -29,7 +29,6 @@ from pydantic import SecretStr
 
 from kling_tasks import identity, image_sources, recorder, task_lengths
 from kling_tasks.api import BackPressureError, KlingClient, KlingError, TaskKind, TaskSnapshot
-from kling_tasks.image_sources import is_url
 from kling_tasks.jobs import GenerationSpec, PlannedStep
 from kling_tasks.kling_requests import build_request
 from kling_tasks.manifest import clip_key, step_key
@@ -139,7 +138,7 @@ async def submit_step(
     settings = load_settings()
     if start_image is not None:
         picture: bytes | None = await asyncio.to_thread(read_start_image, start_image)
-    elif step.index == 0 and generation.image and not is_url(generation.image):
+    elif step.index == 0 and generation.image and not image_sources.is_url(generation.image):
         picture = await asyncio.to_thread(read_planned_image, step, generation.image)
     else:
         picture = None
@@ -193,7 +192,7 @@ def read_planned_image(step: PlannedStep, image: str) -> bytes:
     """The generation's file or S3 image, only if it is still the picture the step's id was made from (else
     the task would carry another picture than its id says: a rerun with the old picture would adopt it)."""
     data = image_sources.read_image(image)
-    if "sha256:" + hashlib.sha256(data).hexdigest() != step.image_digest:
+    if image_sources.bytes_digest(data) != step.image_digest:
         raise StorageError(f"the image {image} changed since the job was planned; run the job again (a new "
                            "picture is a new task)", retryable=False)
     return data
