@@ -13,7 +13,8 @@ from contextlib import AsyncExitStack
 from datetime import UTC, date, datetime
 from typing import Any
 
-from prefect import flow, get_run_logger, tags
+from prefect import flow, get_run_logger
+from prefect.context import TagsContext
 from prefect.runtime import flow_run
 
 from kling_tasks.api import TaskFailedError
@@ -46,9 +47,18 @@ def job_run_name() -> str:
 
 
 def job_run_tags(provider: str, model_name: str, job_id: str) -> tuple[str, ...]:
-    """The tags of a job's flow run and of its task runs. A caller that knows them (produce_batch) creates the
-    run with them, which saves the artifact publisher a flow-run update per job."""
+    """The tags of a job's flow run (its task runs get all but `job:`: task_run_tags). A caller that knows them
+    (produce_batch) creates the run with them, which saves the artifact publisher a flow-run update per job."""
     return (f"provider:{provider}", f"model:{model_name}", f"job:{job_id}")
+
+
+def task_run_tags(run_tags: tuple[str, ...]) -> TagsContext:
+    """The job's task runs carry the run's tags but `job:`: Prefect checks a tagged task run's tags for
+    concurrency limits through one service per distinct tag set, each with its own API client kept for the
+    process's life, so a per-job tag made a batch of N jobs keep N clients. The flow run (named after the
+    job) carries `job:`, and its task runs are listed under it."""
+    inherited = {tag for tag in TagsContext.get().current_tags if not tag.startswith("job:")}
+    return TagsContext(current_tags=inherited | {tag for tag in run_tags if not tag.startswith("job:")})
 
 
 @flow(name="produce-video", flow_run_name=job_run_name)
@@ -80,7 +90,7 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
     parent: Rendered | None = None
     stores: list[asyncio.Task[None]] = []
     clips: list[asyncio.Task[StoredObject]] = []  # a last-frame job's clips, as Kling made them
-    with ledger, tags(*run_tags):
+    with ledger, task_run_tags(run_tags):
         try:
             async with AsyncExitStack() as slot:
                 holding = False

@@ -10,7 +10,8 @@ Two layers, one bound:
   (~1 s between a slot freeing and the next holder starting), while a slot freed in this process goes to the
   next waiting job at once, resumed videos first.
 
-A slot's lease is renewed while held; if the process dies, Prefect frees it when the lease expires (>= 60 s).
+A slot's lease is renewed while held (kling_tasks.slot_leases: one renewal loop for every lease of the
+process); if the process dies, Prefect frees it when the lease expires (>= 60 s).
 Kling may still refuse a create with 1303 (another client on the account, an expired lease): the submit step
 treats that as back-pressure and waits.
 """
@@ -25,13 +26,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from prefect import get_client
-from prefect.concurrency.asyncio import concurrency
 from prefect.settings import PREFECT_API_URL
 
+from kling_tasks.slot_leases import server_slot
+
 logger = logging.getLogger(__name__)
-
-LEASE_SECONDS = 60.0  # Prefect's minimum: a crashed holder's slot is back within about a minute
-
 
 def limit_name(account: str) -> str:
     return f"kling-account-{account}"
@@ -112,9 +111,7 @@ async def account_slot(account: str, size: int, *, started: bool) -> AsyncIterat
     hand_off = _hand_off(account, size)
     await hand_off.acquire(0 if started else 1)
     try:
-        # A lease renewal that fails once (a Prefect API hiccup) must not kill a paid step's wait.
-        async with concurrency(limit_name(account), occupy=1, strict=True, lease_duration=LEASE_SECONDS,
-                               raise_on_lease_renewal_failure=False):
+        async with server_slot(limit_name(account)):
             yield
     finally:
         hand_off.release()

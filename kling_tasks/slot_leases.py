@@ -1,0 +1,134 @@
+"""Leases on the account's server-wide slot, held by this process with one renewal loop per event loop.
+
+Prefect's `concurrency()` context gives every holder its own renewal thread with its own API client (and a
+CSRF fetch): a batch of 500 jobs in one process kept 500 threads and 500 clients. Here every lease of an
+event loop is renewed by one task with one client, and the acquire and release use the caller's client (a
+flow run's, inside a flow). The server-side semantics are Prefect's: a lease of LEASE_SECONDS, renewed at
+3/4 of it; a holder that dies stops renewing and the server frees its slot when the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+from uuid import UUID
+
+import httpx
+from prefect import get_client
+from prefect.client.schemas.responses import MinimalConcurrencyLimitResponse
+from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
+from prefect.context import AsyncClientContext
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 60.0  # Prefect's minimum: a crashed holder's slot is back within about a minute
+RENEW_EVERY = 0.75 * LEASE_SECONDS
+LOCKED = 423  # every slot is held (by other processes: this one asks only when it has a place)
+
+
+class SlotLimitMissing(RuntimeError):
+    """The account's global concurrency limit does not exist on the Prefect server (deleted while running)."""
+
+
+def retry_delay(attempt: int) -> float:
+    return 1 + attempt + random.random()
+
+
+class LeaseKeeper:
+    """The leases one event loop holds; a single task renews them all while there are any."""
+
+    def __init__(self) -> None:
+        self.leases: set[UUID] = set()
+        self._renewer: asyncio.Task[None] | None = None
+
+    def hold(self, lease_id: UUID) -> None:
+        self.leases.add(lease_id)
+        if self._renewer is None or self._renewer.done():
+            # The renewer outlives the flow run that starts it: it keeps the run's settings (the API URL may
+            # be a temporary setting) but not the run's client, which get_client() would hand back, closed.
+            context = contextvars.copy_context()
+            context.run(AsyncClientContext.__var__.set, cast(AsyncClientContext, None))
+            self._renewer = asyncio.get_running_loop().create_task(self._renew(), context=context)
+
+    def drop(self, lease_id: UUID) -> None:
+        self.leases.discard(lease_id)
+
+    async def _renew(self) -> None:
+        while self.leases:
+            await asyncio.sleep(RENEW_EVERY)
+            if not self.leases:
+                return
+            async with get_client() as client:
+                for lease_id in list(self.leases):
+                    await self._renew_one(client, lease_id)
+
+    async def _renew_one(self, client: Any, lease_id: UUID) -> None:
+        for attempt in range(3):  # a renewal that fails once (an API hiccup) must not cost the slot
+            if lease_id not in self.leases:
+                return
+            try:
+                await client.renew_concurrency_lease(lease_id=lease_id, lease_duration=LEASE_SECONDS)
+                return
+            except Exception as exc:
+                if attempt == 2:
+                    # The step keeps going: a 1303 from Kling is back-pressure, never a failed job.
+                    logger.warning("could not renew the account slot's lease %s (%s: %s); the slot may be "
+                                   "given to another holder", lease_id, type(exc).__name__, exc)
+                    return
+                await asyncio.sleep(retry_delay(attempt))
+
+
+_KEEPERS: dict[asyncio.AbstractEventLoop, LeaseKeeper] = {}
+
+
+def keeper() -> LeaseKeeper:
+    loop = asyncio.get_running_loop()
+    if loop not in _KEEPERS:
+        for old in [other for other in _KEEPERS if other.is_closed()]:
+            del _KEEPERS[old]
+        _KEEPERS[loop] = LeaseKeeper()
+    return _KEEPERS[loop]
+
+
+async def _acquire(client: Any, name: str) -> tuple[UUID, list[MinimalConcurrencyLimitResponse]]:
+    while True:
+        try:
+            response = await client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != LOCKED:
+                raise
+            # The server says when to ask again; a little jitter keeps many waiters from asking at once.
+            await asyncio.sleep(float(exc.response.headers.get("Retry-After", 1)) + random.random() / 2)
+            continue
+        body = response.json()
+        limits = [MinimalConcurrencyLimitResponse.model_validate(limit) for limit in body.get("limits") or []]
+        if not limits:
+            raise SlotLimitMissing(f"the Prefect server has no concurrency limit named {name}")
+        return UUID(body["lease_id"]), limits
+
+
+@asynccontextmanager
+async def server_slot(name: str) -> AsyncIterator[None]:
+    """One slot of the global concurrency limit `name`, leased and renewed until the block ends."""
+    async with get_client() as client:
+        lease_id, limits = await _acquire(client, name)
+    leases = keeper()
+    leases.hold(lease_id)
+    events = emit_concurrency_acquisition_events(limits, 1)  # the UI's Concurrency page shows these
+    try:
+        yield
+    finally:
+        leases.drop(lease_id)  # from here on, at worst the lease expires within LEASE_SECONDS
+        try:
+            async with get_client() as client:
+                await client.release_concurrency_slots_with_lease(lease_id=lease_id)
+        except Exception as exc:
+            logger.warning("could not release the account slot's lease %s (%s); it expires within %g s",
+                           lease_id, type(exc).__name__, LEASE_SECONDS)
+        emit_concurrency_release_events(limits, 1, events)
