@@ -8,8 +8,21 @@ x the time scale, concurrency N) and a local folder. Per job, from the batch's e
                      of the last step, final copy and contact sheet
   CPU per step       this process's CPU seconds during the batch (all threads) / (N x S); the Prefect server's
                      and the emulator's CPU are separate processes, reported beside it
+  detection per step  Σ (first answer that showed a task ended - its end) / S, from the emulator's clock; the
+                     pipeline's own time per step is the overhead less this (goal 1 bounds it as a share of
+                     the task's length)
 A warm-up batch first teaches the account's task lengths (the learned poll schedule) and warms Prefect's
 client. Polls per task come from the emulator's counts.
+
+Two loads, each at every N:
+  burst   every job starts at once and the tasks all last --task-seconds: the N jobs' submits, stores and
+          hand-offs fall due together, so the wall overhead is mostly their queue for 2 cores (N x the CPU
+          per step / cores); a stress test: does one process carry N jobs, and does its CPU per step hold?
+  steady  the same work rate at every N: jobs start 1/--rate s apart over one task length, and the tasks last
+          N / --rate s (the emulator's time scale follows), so N jobs are in flight at once while the steps
+          fall due at the same rate at every N. What grows from 50 to 500 here is what carrying more
+          concurrent jobs costs (the goal's ratio), not a longer queue for the cores. Each N gets its own
+          emulator; its account starts from the warm-up's learned task lengths, rescaled to its time scale.
 
     .venv/bin/python bench/overhead.py                 # N = 50, 200, 500 on PostgreSQL when available
     .venv/bin/python bench/overhead.py --quick         # N = 4 on SQLite
@@ -50,30 +63,96 @@ def kling_seconds_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
     return out
 
 
+def detection_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
+    """Σ (the first answer that showed a task ended - its end) of each job's tasks: the polls' detection delay."""
+    out: dict[str, float] = {}
+    for task_id, task in stats["tasks"].items():
+        ext, seen = task["external_task_id"] or "", stats.get("final_seen_at", {}).get(task_id)
+        if ext.startswith(f"{tag}-") and task["status"] == "succeed" and seen is not None:
+            job = ext.rsplit("-s", 1)[0]
+            out[job] = out.get(job, 0.0) + max(0.0, seen - task["updated_at"]) / 1000
+    return out
+
+
 def polls_of(stats: dict[str, Any], tag: str) -> list[float]:
     return [float(stats["polls"].get(tid, 0)) for tid, t in stats["tasks"].items()
             if (t["external_task_id"] or "").startswith(f"{tag}-")]
 
 
-def run_batch(n: int, steps: int, dest: str, tag: str) -> tuple[float, float, list[Any]]:
+def run_batch(n: int, steps: int, dest: str, tag: str, spacing: float) -> tuple[float, float, list[Any]]:
+    """produce_batch of the N jobs (spacing 0), or the same jobs started `spacing` seconds apart."""
     from flows.batch import produce_batch
     from kling_tasks.batch_ledger import load_batch
     from kling_tasks.storage import open_sink
 
     jobs = make_jobs(n, steps, dest, tag)
     cpu0, start = time.process_time(), time.monotonic()
-    asyncio.run(produce_batch(jobs=jobs, dest=dest, batch_id=f"batch-{tag}", return_state=True))
+    if spacing > 0:
+        entries = asyncio.run(staggered_jobs(jobs, spacing))
+    else:
+        asyncio.run(produce_batch(jobs=jobs, dest=dest, batch_id=f"batch-{tag}", return_state=True))
+        manifest = load_batch(open_sink(dest), f"batch-{tag}")  # every job's outcome, failed ones too
+        entries = manifest.jobs if manifest is not None else []
     wall, cpu = time.monotonic() - start, time.process_time() - cpu0
-    manifest = load_batch(open_sink(dest), f"batch-{tag}")  # every job's outcome, failed ones too
-    return wall, cpu, manifest.jobs if manifest is not None else []
+    return wall, cpu, entries
+
+
+async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
+    """The jobs as produce_batch runs them in its own process (flows.batch.run_one: a produce_video subflow
+    each, its entry timed), job i starting at i x spacing; all in one flow run and one event loop."""
+    from prefect import flow
+
+    from flows.batch import run_one
+    from kling_tasks.batch_ledger import BatchEntry
+    from kling_tasks.identity import account_fingerprint
+    from kling_tasks.settings import load_settings
+    from kling_tasks.slots import ensure_account_limit
+
+    @flow(name="bench-staggered-jobs")
+    async def staggered() -> list[BatchEntry]:
+        settings = load_settings()
+        account = account_fingerprint(settings)
+        await ensure_account_limit(account, settings.max_concurrency)
+        entries = [BatchEntry(job_id=job.effective_job_id(), dest=job.dest) for job in jobs]
+
+        async def start(index: int) -> None:
+            await asyncio.sleep(index * spacing)
+            await run_one(jobs[index], entries[index], False, None, account)
+
+        await asyncio.gather(*(start(i) for i in range(len(jobs))))
+        return entries
+
+    return await staggered()
+
+
+def account_now() -> str:
+    from kling_tasks.identity import account_fingerprint
+    from kling_tasks.settings import load_settings
+
+    return account_fingerprint(load_settings())
+
+
+async def copy_task_lengths(source: str, target: str, factor: float) -> None:
+    """Give a new emulator's account the task lengths learned on another, x `factor` (the ratio of their time
+    scales: the pipeline learns the seconds it saw, which are Kling's against the real one)."""
+    from kling_tasks.task_lengths import PrefectVariableStore
+
+    deadline = time.monotonic() + 30  # the warm-up's book writes its variable a few seconds after a task ends
+    while not (value := await PrefectVariableStore(source).load()) and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+    if value:
+        await PrefectVariableStore(target).save(
+            {key: [[q * factor, p * factor] for q, p in samples] for key, samples in value.items()})
+    else:
+        print("  no learned task lengths to start from: the first tasks poll by the adaptive policy", flush=True)
 
 
 def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
-            calls: api_calls.Counts) -> dict[str, Any]:
+            calls: api_calls.Counts, spacing: float = 0.0) -> dict[str, Any]:
     server_cpu0 = common.group_cpu_seconds(common.SERVER_PID)
     emu_cpu0 = common.group_cpu_seconds(emu.child.process.pid)
     calls0 = calls.snapshot()
-    wall, cpu, entries = run_batch(n, steps, dest, tag)
+    wall, cpu, entries = run_batch(n, steps, dest, tag, spacing)
     prefect_calls = api_calls.per_step(calls0, calls.snapshot(), max(1, n * steps))
     server_cpu = common.group_cpu_seconds(common.SERVER_PID) - server_cpu0
     emu_cpu = common.group_cpu_seconds(emu.child.process.pid) - emu_cpu0
@@ -81,9 +160,13 @@ def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
     kling = kling_seconds_by_job(stats, tag)
     done = [e for e in entries if e.status == "succeeded" and e.seconds is not None and e.job_id in kling]
     per_step = [(e.seconds - kling[e.job_id]) / steps for e in done]
+    detect = detection_by_job(stats, tag)
+    detection = [detect.get(e.job_id, 0.0) / steps for e in done]
     return {"jobs": n, "steps": steps, "succeeded": len(done), "failed": len(entries) - len(done),
             "errors": sorted({e.error for e in entries if e.error})[:3],
             "batch_wall_s": round(wall, 1), "overhead_per_step_s": common.stats(per_step),
+            "detection_per_step_s": common.stats(detection),
+            "pipeline_per_step_s": common.stats([o - d for o, d in zip(per_step, detection, strict=True)]),
             "kling_per_step_s": common.stats([kling[e.job_id] / steps for e in done]),
             "cpu_per_step_s": round(cpu / max(1, n * steps), 4),
             "prefect_server_cpu_per_step_s": round(server_cpu / max(1, n * steps), 4) if common.SERVER_PID else None,
@@ -93,20 +176,38 @@ def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
             "concurrency_high_water": stats["concurrency_high_water"]}
 
 
+def report(row: dict[str, Any]) -> None:
+    o, p = row["overhead_per_step_s"], row["pipeline_per_step_s"]
+    print(f"  {row['succeeded']}/{row['jobs']} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s "
+          f"(pipeline {p.get('mean')} s, detection {row['detection_per_step_s'].get('mean')} s), "
+          f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
+          f"polls/task {row['polls_per_task'].get('mean')}, wall {row['batch_wall_s']} s", flush=True)
+    pc = row["prefect_calls_per_step"]
+    print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
+          f"{pc['log_batches']} log batches: {pc['http']} {pc['events']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", default="50,200,500", help="comma-separated N (default 50,200,500)")
     parser.add_argument("--steps", type=int, default=2, help="S: 1 generation + S-1 extensions (default 2)")
-    parser.add_argument("--task-seconds", type=float, default=10.0, help="Kling seconds per task, scaled (default 10)")
+    parser.add_argument("--task-seconds", type=float, default=10.0,
+                        help="burst: wall seconds of an extension (the emulator's time scale; default 10)")
+    parser.add_argument("--rate", type=float, default=2.5,
+                        help="steady: jobs started per second; an extension lasts N / rate s (default 2.5)")
+    parser.add_argument("--loads", default="burst,steady", help="which loads (default burst,steady)")
     parser.add_argument("--sqlite", action="store_true", help="the Prefect server on SQLite, not PostgreSQL")
     parser.add_argument("--warm-up", type=int, default=3, help="jobs of the warm-up batch (default 3)")
-    parser.add_argument("--quick", action="store_true", help="N = 4; 2 s tasks; 2 warm-up jobs; SQLite")
+    parser.add_argument("--quick", action="store_true", help="N = 4; 2 s tasks; rate 2; 2 warm-up jobs; SQLite")
     args = parser.parse_args()
     if args.quick:
-        args.jobs, args.task_seconds, args.sqlite, args.warm_up = "4", 2.0, True, 2
+        args.jobs, args.task_seconds, args.rate, args.sqlite, args.warm_up = "4", 2.0, 2.0, True, 2
     sizes = [int(x) for x in args.jobs.split(",") if x.strip()]
+    loads = [x.strip() for x in args.loads.split(",") if x.strip()]
     scale = args.task_seconds / EXTEND_LATENCY
-    results: dict[str, Any] = {"time_scale": scale, "task_seconds": args.task_seconds, "steps": args.steps}
+    results: dict[str, Any] = {"time_scale": scale, "task_seconds": args.task_seconds, "steps": args.steps,
+                               "rate": args.rate}
+    name = "overhead-quick" if args.quick else "overhead"
     tag = f"ov{uuid.uuid4().hex[:5]}"
     with ExitStack() as stack:
         tmp = stack.enter_context(common.scratch("bench-overhead-"))
@@ -124,23 +225,27 @@ def main() -> None:
         calls = stack.enter_context(api_calls.counting(api))
         print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
         results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w", calls)
-        results["runs"] = []
-        for n in sizes:
-            print(f"{n} concurrent jobs x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
-            row = measure(n, args.steps, dest, emu, f"{tag}n{n}", calls)
-            results["runs"].append(row)
-            o = row["overhead_per_step_s"]
-            print(f"  {row['succeeded']}/{n} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s, "
-                  f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
-                  f"polls/task {row['polls_per_task'].get('mean')}, batch {row['batch_wall_s']} s", flush=True)
-            pc = row["prefect_calls_per_step"]
-            print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
-                  f"{pc['log_batches']} log batches: {pc['http']} {pc['events']}", flush=True)
-            common.write_result("overhead-quick" if args.quick else "overhead", results)  # each N as it ends
+        learned_on = account_now()
+        results["runs"], results["steady"] = [], []
+        for n in sizes if "burst" in loads else []:
+            print(f"burst: {n} jobs at once x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
+            results["runs"].append(measure(n, args.steps, dest, emu, f"{tag}n{n}", calls))
+            report(results["runs"][-1])
+            common.write_result(name, results)  # each N as it ends
+        for n in sizes if "steady" in loads else []:
+            seconds = n / args.rate
+            print(f"steady: {n} jobs, one every {1 / args.rate:g} s, ~{seconds:g} s tasks ...", flush=True)
+            with common.emulator(tmp, time_scale=seconds / EXTEND_LATENCY, concurrency=n + 10) as steady_emu:
+                os.environ.update(common.kling_env(steady_emu.base_url, seconds / EXTEND_LATENCY))
+                asyncio.run(copy_task_lengths(learned_on, account_now(), seconds / args.task_seconds))
+                row = measure(n, args.steps, dest, steady_emu, f"{tag}s{n}", calls, spacing=1 / args.rate)
+            results["steady"].append({**row, "task_seconds": seconds, "time_scale": seconds / EXTEND_LATENCY})
+            report(row)
+            common.write_result(name, results)
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=10)
-    path = common.write_result("overhead-quick" if args.quick else "overhead", results)
+    path = common.write_result(name, results)
     print(f"wrote {path.relative_to(common.ROOT)}")
 
 

@@ -179,7 +179,7 @@ class Emulator:
         task = self.engine.find(kind, ident, by_external) if kind in catalog.KINDS else None
         if task is None:
             return error_response(ApiError(404, 1203, f"task {ident} does not exist"))
-        self.engine.count("polls", task.task_id)
+        self.engine.answered(task)
         return JSONResponse(envelope(self.view(task, self.base(request))))
 
     async def list(self, kind: str, request: Request) -> Response:

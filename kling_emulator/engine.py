@@ -88,6 +88,9 @@ class Stats:
     downloads: Counter[str] = field(default_factory=Counter)
     download_bytes: Counter[str] = field(default_factory=Counter)  # body bytes handed to the connection
     faults_fired: Counter[str] = field(default_factory=Counter)  # per fault kind
+    # task_id -> ms of the first single-task answer (a poll, a lookup) that showed it ended: a client's
+    # detection delay is this minus the task's updated_at
+    final_seen_at: dict[str, int] = field(default_factory=dict)
     concurrency_high_water: int = 0
 
 
@@ -197,6 +200,13 @@ class Engine:
         with self.lock:
             getattr(self.stats, counter)[key] += amount
 
+    def answered(self, task: Task) -> None:
+        """A single-task answer is going out: note when a client first saw the task ended."""
+        with self.lock:
+            self.stats.polls[task.task_id] += 1
+            if task.status not in ACTIVE and task.task_id not in self.stats.final_seen_at:
+                self.stats.final_seen_at[task.task_id] = int(time.time() * 1000)
+
     # --- lifecycle -------------------------------------------------------------------------------------------
     def tick(self) -> list[Task]:
         """Advance every active task; returns one snapshot per status change since the last tick, in order."""
@@ -284,4 +294,5 @@ class Engine:
                 "downloads": dict(self.stats.downloads),
                 "download_bytes": dict(self.stats.download_bytes),
                 "faults_fired": dict(self.stats.faults_fired),
+                "final_seen_at": dict(self.stats.final_seen_at),
             }

@@ -14,7 +14,8 @@ from kling_emulator import EmulatorConfig, start_emulator
 def test_stats_count_what_happened(kling: Any) -> None:
     video = kling.finished(external_task_id="s-1", model_name="kling-v1-6")
     task_id = video["task_id"]
-    polls_before = kling.stats()["polls"][task_id]
+    before = kling.stats()
+    polls_before, first_seen = before["polls"][task_id], before["final_seen_at"][task_id]
     kling.task("text2video", task_id)
     kling.get("/v1/videos/text2video")
     size = len(httpx.get(video["task_result"]["videos"][0]["url"]).raise_for_status().content)
@@ -22,11 +23,13 @@ def test_stats_count_what_happened(kling: Any) -> None:
     stats = kling.stats()
     assert set(stats) >= {"requests", "create_attempts", "tasks_created", "tasks", "polls",
                           "concurrency_high_water", "credits_charged", "downloads", "download_bytes",
-                          "faults_fired", "behaviour"}
+                          "faults_fired", "behaviour", "final_seen_at"}
     assert stats["requests"]["POST /v1/videos/text2video"] == 2
     assert stats["requests"]["GET /v1/videos/text2video"] == 1
     assert stats["requests"]["GET /v1/videos/text2video/{id}"] == polls_before + 1
     assert stats["polls"] == {task_id: polls_before + 1}
+    assert stats["final_seen_at"] == {task_id: first_seen}, "the first answer that showed it ended, not the last"
+    assert first_seen >= video["updated_at"]
     assert stats["create_attempts"] == {"s-1": 2} and stats["tasks_created"] == {"s-1": 1}
     assert stats["tasks"][task_id] == {"kind": "text2video", "status": "succeed", "external_task_id": "s-1",
                                        "created_at": video["created_at"], "updated_at": video["updated_at"],
