@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import overhead_page
 import transfer_page
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,142 +96,6 @@ def polling(p: dict[str, Any] | None) -> list[str]:
                 f"{cells[n]['polls']:.1f} / {100 * cells[n]['detection_delay_share']:.1f} %" for n in lengths) + " |")
     out += ["", "Without history (the first tasks of a key, or no Prefect API) the wait is today's adaptive policy, "
             "interval for interval (tests/kling_tasks/api/test_polling.py replays it)."]
-    return out
-
-
-def _calls(r: dict[str, Any]) -> str:
-    c = r.get("prefect_calls_per_step")
-    return "n/a" if not c else f"{c['http_total']:.1f} + {c['events_total']:.1f}"
-
-
-def _budget(c: dict[str, Any]) -> str:
-    """`6.5 artifact writes, ...`: the per-step Prefect calls by kind, largest first."""
-    http, events = c["http"], c["events"]
-    artifacts = http.get("PATCH /artifacts/{id}", 0) + http.get("POST /artifacts/", 0)
-    slots = sum(v for k, v in http.items() if "concurrency_limits" in k)
-    runs = sum(v for k, v in http.items() if k.split(" ")[1].startswith(("/flow_runs", "/flows/", "/task_runs")))
-    variables = sum(v for k, v in http.items() if "/variables/" in k)
-    rest = c["http_total"] - artifacts - slots - runs - variables
-    kling = sum(v for k, v in events.items() if k.startswith("kling."))
-    return (f"HTTP: {artifacts:.1f} artifact writes, {slots:.1f} concurrency-limit calls (the account slot's "
-            f"acquire, renewals and release, and one tag check per task run: Prefect's for tagged task runs), "
-            f"{runs:.1f} flow-run and subflow calls, {variables:.2f} learned-lengths variable calls, {rest:.1f} other "
-            f"(CSRF tokens of Prefect's per-job concurrency clients, storage checks); events: "
-            f"{events.get('prefect.task-run.*', 0):.1f} task-run states (3 task runs x Pending, Running, Completed), "
-            f"{events.get('prefect.artifact.*', 0):.1f} artifact events (Prefect's client sends one per write), "
-            f"{kling:.1f} kling.* events, {events.get('prefect.concurrency-limit.*', 0):.1f} slot events, "
-            f"{events.get('prefect.flow-run.*', 0):.2f} flow-run events; {c['log_batches']:.2f} log batches "
-            "(PREFECT_LOGGING_LEVEL=WARNING here)")
-
-
-def overhead(o: dict[str, Any] | None) -> list[str]:
-    if o is None:
-        return [NO_FIGURES]
-    out = [f"`bench/overhead.py`: `produce_batch` of N jobs x {o['steps']} steps in this one process, N account slots "
-           f"(every job in flight at once), Kling tasks ~{o['task_seconds']:g} s (time scale {o['time_scale']:.4f}), "
-           f"a local folder, the Prefect server on {o.get('prefect_database', '?')}. Overhead per step = (the job's "
-           "wall time - Σ its Kling tasks' created -> succeed) / steps: detection, submit, task-run hand-offs, "
-           "ledger, artifacts, the last store, final copy and contact sheet. CPU per step = this process's CPU "
-           "(all threads) / steps; the Prefect server's and the emulator's CPU are beside it. Prefect calls / step "
-           "= HTTP calls + events this process sent the Prefect server (bench/api_calls.py counts them).", "",
-           "| N jobs | ok | overhead / step mean | p90 | CPU / step (worker) | Prefect server CPU / step | "
-           "emulator CPU / step | Prefect calls / step (HTTP + events) | polls / task | batch wall |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    runs = o.get("runs") or []
-    for r in runs:
-        ov = r["overhead_per_step_s"]
-        out.append(f"| {r['jobs']} | {r['succeeded']}/{r['jobs']} | {ov.get('mean', float('nan')):.2f} s | "
-                   f"{ov.get('p90', float('nan')):.2f} s | {r['cpu_per_step_s']:.3f} s | "
-                   f"{_or_na(r['prefect_server_cpu_per_step_s'])} | "
-                   f"{r['emulator_cpu_per_step_s']:.3f} s | {_calls(r)} | {r['polls_per_task'].get('mean', 0):.1f} | "
-                   f"{r['batch_wall_s']:.0f} s |")
-    if not runs:
-        return out
-    small, big = runs[0], runs[-1]
-    wall_ok = all(r["overhead_per_step_s"].get("mean", 1e9) <= 0.3 for r in runs)
-    cpu_ok = all(r["cpu_per_step_s"] <= 0.1 for r in runs)
-    carried = big["jobs"] >= 500 and big["failed"] == 0
-    ratio = big["overhead_per_step_s"].get("mean", float("nan")) / max(small["overhead_per_step_s"].get("mean", 1),
-                                                                        1e-9)
-    out += ["", f"Goals: <= 0.3 s of wall per step {_ok(wall_ok)}; <= 0.1 s of CPU per step {_ok(cpu_ok)}; one "
-            f"process carries >= 500 concurrent jobs {_ok(carried)} (largest N run: {big['jobs']}, "
-            f"{big['failed']} failed); overhead at {big['jobs']} / at {small['jobs']}: {ratio:.2f}x "
-            f"{_ok(ratio <= 2 and big['jobs'] >= 500)} (goal <= 2x at 500 vs 50)."]
-    if big["jobs"] < 500:
-        out.append(f"N = 500 has no figure from this run: it was stopped after N = {big['jobs']}, whose batch took "
-                   f"{big['batch_wall_s']:.0f} s; at the CPU per step above, 500 jobs need about "
-                   f"{500 / big['jobs']:.1f}x that on this machine (`bench/overhead.py --jobs 500` measures it).")
-    warm = o.get("warm_up")
-    if warm:
-        out.append(f"The warm-up batch ({warm['jobs']} jobs, no history yet: adaptive polling) had "
-                   f"{warm['overhead_per_step_s'].get('mean', float('nan')):.2f} s of overhead and "
-                   f"{warm['cpu_per_step_s']:.3f} s of CPU per step, {warm['polls_per_task'].get('mean', 0):.1f} polls "
-                   "per task; the batches after it poll by the lengths it taught (the polls / task column).")
-    errors = sorted({e for r in runs for e in r.get("errors", [])})
-    if errors:
-        out.append("Errors of failed jobs: " + "; ".join(f"`{e[:160]}`" for e in errors[:3]) + ".")
-    counted = small.get("prefect_calls_per_step")
-    if counted:
-        out += ["", f"Per step at N = {small['jobs']}, what this process asked of the Prefect server: "
-                f"{_budget(counted)}."]
-    server = [r["prefect_server_cpu_per_step_s"] for r in runs if r["prefect_server_cpu_per_step_s"] is not None]
-    cpu = sum(r["cpu_per_step_s"] for r in runs) / len(runs) + (sum(server) / len(server) if server else 0.0)
-    out += ["", "Changes measured here (issue 12, goal 3; same command on main and on this code, 2026-12-02, load "
-            "average ~10 on 2 cores). Earlier: one Kling client and one sync Prefect client per process instead of "
-            "one per call (each built a TLS context, ~10 ms of CPU); worker CPU per step went from 0.64-0.83 s to "
-            "~0.35 s (N = 8). This round, from a count of the Prefect calls per step (bench/api_calls.py) and a "
-            "yappi profile of the worker: the progress and steps artifacts are written at most every 5 s per job, "
-            "and all open jobs of a process together at most 5 pictures a second (500 jobs: each every 100 s), "
-            "always at the job's end, on failure and when its ledger closes, never when unchanged (before: two "
-            "writes and two events per ledger change, ~5 changes per step; a 1 s interval merged almost none of "
-            "them on this loaded machine, where a step's changes come seconds apart); the account's concurrency "
-            "limit upserted once per process, not per job (two calls per job); the learned-lengths variable read "
-            "in one GET and written in one PATCH (Prefect's Variable.aset reads, writes and reads back), batched "
-            "every 5 s; a batch creates each job's flow run with its tags (no read and update per job); settings "
-            "validated once per environment (pydantic-settings read the environment, ~5 ms, in every submit, wait "
-            "and store); one TLS context for every download (each built two, ~10 % of the worker's CPU). Before "
-            "(main, same day): N = 50: 85.8 s overhead / step, 0.293 s worker CPU, 0.512 s server CPU, 24.8 HTTP "
-            "calls + 25.4 events per step (counted at N = 10); N = 200: 467.8 s, 0.398 s, 0.693 s; N = 500 (main, "
-            "two hours earlier, load ~5-8): 453.3 s, 0.493 s, 0.681 s, 9.0x the N = 50 overhead. Blocking work "
-            "stays off the event loop: S3 and folder writes, manifests, the contact sheet's decode run in threads, "
-            "artifacts on the ledger's observer thread."]
-    if not (wall_ok and cpu_ok and carried and ratio <= 2):
-        floor = 9 + 3 + 3  # task-run state events, one tag check per task run, kling.* events: fixed per step
-        calls = (counted["http_total"] + counted["events_total"]) if counted else 0.0
-        per_call = (small["prefect_server_cpu_per_step_s"] or 0.0) / calls if calls else 0.01
-        used = ", ".join(
-            f"{(r['cpu_per_step_s'] + (r['prefect_server_cpu_per_step_s'] or 0) + r['emulator_cpu_per_step_s']) * r['jobs'] * r['steps'] / max(r['batch_wall_s'], 1e-9):.2f} at N = {r['jobs']}"  # noqa: E501
-            for r in runs)
-        per_n = " / ".join(f"{r['cpu_per_step_s']:.3f}" for r in runs)
-        out += ["", "**Why the overhead goals are missed, and what would close them.** The wall overhead is a queue "
-                "for CPU, not waiting on Kling. The worker, the Prefect server and the emulator together used "
-                f"{used} of the 2 cores over the batch (their CPU / the batch's wall), on a machine whose load "
-                "average stayed ~10 (other sessions' test suites): the pipeline's event loop, one of ~10 runnable "
-                "threads, waits its turn for a core, so the wall figures and the 500 / 50 ratio move with the "
-                "machine's load more than with the pipeline (main's N = 50 figure was 50 s in one run and 86 s in "
-                "the next; many jobs also win more of the shared cores: more runnable threads). What the pipeline "
-                "controls no longer grows with N: worker CPU per step "
-                f"{per_n} s at N = {' / '.join(str(r['jobs']) for r in runs)} (main: 0.31 s at 50, 0.49 s at 500) "
-                "and the Prefect calls per step fall as N grows (the artifacts' shared budget). At that CPU, N "
-                f"jobs whose tasks end within one task length of each other need N x ~{cpu:.2f} s (worker plus "
-                f"server) inside that length: at N = 500 and {o['task_seconds']:g} s tasks, "
-                f"~{500 * cpu / (2 * o['task_seconds']):.0f}x this machine's 2 cores. The server "
-                f"spends ~{per_call * 1000:.0f} ms of CPU per call or event it receives (N = {small['jobs']}: its CPU "
-                "per step / the calls per step), so its CPU follows the calls per step, and so does much of the "
-                "worker's (each event is serialised and sent, each call builds and parses JSON). What is left per "
-                "step is mostly fixed by the contract and by Prefect: three task runs (DESIGN 2.6) are 9 state "
-                f"events and 3 tag-concurrency checks, and there are 3 kling.* events: {floor} calls, "
-                f"~{floor * per_call:.2f} s of server CPU per step on their own. The worker's CPU per step (the "
-                "goal's figure) is Prefect's task and flow engine for those runs, the events it sends, the Kling "
-                "polls and the store. What would close the rest, by the calls it saves per step: (1) fewer task "
-                "runs per step: DESIGN 2.5/2.6 keep three (submit, wait, store, each with its own cache key, so "
-                "that a retry never re-POSTs), which this work keeps; each task run less would save 3 state events "
-                "and 1 tag check; (2) the account slot's lease held by the process's own client with one renewal "
-                "loop for all jobs (Prefect's concurrency() starts a client, a thread and a CSRF fetch per job): "
-                "~1.5 calls; (3) no job:{id} tag on task runs (each job's tag set is a new Prefect concurrency "
-                "service with its own client) if the UI filter by job can use the flow run's tag; (4) the Prefect "
-                "server on its own cores or machine (PostgreSQL), so the worker's 2 cores carry only the worker: "
-                "the wall overhead would then be the detection delay, a submit and a store (not measured here)."]
     return out
 
 
@@ -324,7 +189,8 @@ def render(figures: dict[str, Any], *, transfer: Any, quick: bool, database: str
     lines += ["## Machine and settings", "", *_machine(figures), "",
               f"One Prefect server for every part ({database}){times}.", "",
               "## 1. Polling: polls per task and detection delay", "", *polling(figures.get("polling")), "",
-              "## 3. Overhead per step, and 500 concurrent jobs in one process", "", *overhead(figures.get("overhead")),
+              "## 3. Overhead per step, and 500 concurrent jobs in one process", "",
+              *overhead_page.overhead(figures.get("overhead")),
               "", "## 4. Makespan", "", "### A batch against the physical bound", "", *batch(figures.get("batch")), "",
               "### One job: where the wall time goes", "", *makespan(figures.get("makespan")), "",
               "## 5. Rerun of a finished job", "", *rerun(figures.get("rerun")), ""]

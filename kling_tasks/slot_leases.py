@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0  # Prefect's minimum: a crashed holder's slot is back within about a minute
 RENEW_EVERY = 0.75 * LEASE_SECONDS
+RENEWALS_AT_ONCE = 10
 LOCKED = 423  # every slot is held (by other processes: this one asks only when it has a place)
 
 
@@ -40,14 +42,15 @@ def retry_delay(attempt: int) -> float:
 
 
 class LeaseKeeper:
-    """The leases one event loop holds; a single task renews them all while there are any."""
+    """The leases one event loop holds; a single task renews each one RENEW_EVERY seconds after its last renewal
+    (a few at a time: hundreds of leases must not wait in one line and expire at its end)."""
 
     def __init__(self) -> None:
-        self.leases: set[UUID] = set()
+        self.leases: dict[UUID, float] = {}  # lease id -> when it was last acquired or renewed (monotonic)
         self._renewer: asyncio.Task[None] | None = None
 
     def hold(self, lease_id: UUID) -> None:
-        self.leases.add(lease_id)
+        self.leases[lease_id] = time.monotonic()
         if self._renewer is None or self._renewer.done():
             # The renewer outlives the flow run that starts it: it keeps the run's settings (the API URL may
             # be a temporary setting) but not the run's client, which get_client() would hand back, closed.
@@ -56,29 +59,36 @@ class LeaseKeeper:
             self._renewer = asyncio.get_running_loop().create_task(self._renew(), context=context)
 
     def drop(self, lease_id: UUID) -> None:
-        self.leases.discard(lease_id)
+        self.leases.pop(lease_id, None)
 
     async def _renew(self) -> None:
         while self.leases:
-            await asyncio.sleep(RENEW_EVERY)
-            if not self.leases:
-                return
+            await asyncio.sleep(min(5.0, RENEW_EVERY / 4))
+            now = time.monotonic()
+            due = [lease for lease, renewed in self.leases.items() if now - renewed >= RENEW_EVERY]
+            if not due:
+                continue
+            gate = asyncio.Semaphore(RENEWALS_AT_ONCE)
             async with get_client() as client:
-                for lease_id in list(self.leases):
-                    await self._renew_one(client, lease_id)
+                await asyncio.gather(*(self._renew_one(client, lease, gate) for lease in due))
 
-    async def _renew_one(self, client: Any, lease_id: UUID) -> None:
+    async def _renew_one(self, client: Any, lease_id: UUID, gate: asyncio.Semaphore) -> None:
         for attempt in range(3):  # a renewal that fails once (an API hiccup) must not cost the slot
             if lease_id not in self.leases:
                 return
             try:
-                await client.renew_concurrency_lease(lease_id=lease_id, lease_duration=LEASE_SECONDS)
+                async with gate:
+                    await client.renew_concurrency_lease(lease_id=lease_id, lease_duration=LEASE_SECONDS)
+                if lease_id in self.leases:
+                    self.leases[lease_id] = time.monotonic()
                 return
             except Exception as exc:
                 if attempt == 2:
                     # The step keeps going: a 1303 from Kling is back-pressure, never a failed job.
                     logger.warning("could not renew the account slot's lease %s (%s: %s); the slot may be "
                                    "given to another holder", lease_id, type(exc).__name__, exc)
+                    if lease_id in self.leases:
+                        self.leases[lease_id] = time.monotonic()  # try again at the next turn
                     return
                 await asyncio.sleep(retry_delay(attempt))
 

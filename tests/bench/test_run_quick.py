@@ -36,9 +36,13 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
     assert all(r["polls"]["n"] > 0 and r["client_polls_match"] for r in polling["measured"])
     assert {m["policy"] for m in polling["model"]} == policies
     overhead = result("overhead", output)
-    assert overhead["runs"] and all(r["succeeded"] == r["jobs"] for r in overhead["runs"])
-    assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in overhead["runs"])
-    assert all(r["prefect_calls_per_step"]["events"].get("prefect.task-run.*", 0) >= 9 for r in overhead["runs"]), \
+    loads = overhead["runs"] + overhead["steady"]
+    assert overhead["runs"] and overhead["steady"], "both loads ran: burst and steady"
+    assert all(r["succeeded"] == r["jobs"] for r in loads)
+    assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in loads)
+    assert all(r["detection_per_step_s"]["n"] == r["jobs"] and r["detection_per_step_s"]["mean"] > 0 for r in loads), \
+        "the detection delay is measured (the emulator's final_seen_at) for every job"
+    assert all(r["prefect_calls_per_step"]["events"].get("prefect.task-run.*", 0) >= 9 for r in loads), \
         "the Prefect calls are counted: three task runs per step, each Pending, Running, Completed"
     batch = result("batch", output)
     assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
