@@ -6,9 +6,12 @@ tells the observers. An observer whose `coalesce` is true (the artifacts: they s
 the newest of several `changed` waiting in a row (and none just before `failed` or `finished`, which show the
 ledger themselves); every other observer (events: one per transition) gets all.
 
-An observer may also set `min_interval` (seconds): its `changed` is then told at most that often, the newest one
-held back until its time comes (a job's end or failure is told at once, and a `flush()` returns only once what
-was held has been told: a job's last picture is complete). The interval also grows with the jobs open in this
+An observer may also set `min_interval` (seconds): its `changed` is then held that long from the first change
+that finds none held, and the newest change is told when that time comes, so it is told at most that often (a
+change's followers, like a create's task id or a store right after a video succeeded, come within moments: one
+write shows them all, where telling the first at once cost a second write for the rest). A job's end or failure
+is told at once, and a `flush()` returns only once what was held has been told: a job's last picture is
+complete. The interval also grows with the jobs open in this
 process, so that all of them together are told at most WRITES_PER_SECOND changes a second: each artifact write
 costs the worker and the Prefect server CPU, and 500 jobs in one process must not cost 10x what 50 do.
 
@@ -51,9 +54,9 @@ class Messenger:
         self.observers = list(observers)
         self.on_error = on_error
         self.clock = clock
-        # Per observer with a min_interval: the newest `changed` held back, when it may go, when the last went.
+        # Per observer with a min_interval: the newest `changed` held back, and when the first of its group came.
         self._held: dict[int, _Note] = {}
-        self._told_at: dict[int, float] = {}
+        self._held_since: dict[int, float] = {}
         self._notes: queue.SimpleQueue[_Note] = queue.SimpleQueue()
         self._closed = False
         self._throttled = any(float(getattr(o, "min_interval", 0.0) or 0.0) > 0 for o in self.observers)
@@ -116,15 +119,14 @@ class Messenger:
                 elif self._superseded(observer, batch, position):
                     continue
                 elif note.hook == "changed" and interval > 0:
+                    self._held_since.setdefault(index, self.clock())
                     self._held[index] = note
-                    if self.clock() - self._told_at.get(index, -float("inf")) >= interval:
-                        self._tell_held(index, observer)
                 else:
                     if getattr(observer, "coalesce", False) and note.hook in _WHOLE_LEDGER:
-                        self._held.pop(index, None)  # this hook shows the newer ledger itself
+                        self._drop_held(index)  # this hook shows the newer ledger itself
                     self._tell_held(index, observer)
-                    self._tell(index, observer, note)
-            if index in self._held and self.clock() >= self._told_at.get(index, 0.0) + interval:
+                    self._tell(observer, note)
+            if index in self._held and self.clock() >= self._held_since.get(index, 0.0) + interval:
                 self._tell_held(index, observer)
         for note in batch:
             if note.done is not None:
@@ -133,7 +135,7 @@ class Messenger:
 
     def _next_batch(self) -> list[_Note]:
         """Everything waiting; blocks until a note comes or a held change falls due (then maybe nothing)."""
-        due = [self._told_at.get(index, 0.0) + self.interval(self.observers[index]) for index in self._held]
+        due = [self._held_since.get(index, 0.0) + self.interval(self.observers[index]) for index in self._held]
         timeout = max(0.0, min(due) - self.clock()) if due else None
         try:
             batch = [self._notes.get(timeout=timeout)]
@@ -145,13 +147,16 @@ class Messenger:
             except queue.Empty:
                 return batch
 
-    def _tell_held(self, index: int, observer: object) -> None:
-        held = self._held.pop(index, None)
-        if held is not None:
-            self._tell(index, observer, held)
+    def _drop_held(self, index: int) -> _Note | None:
+        self._held_since.pop(index, None)
+        return self._held.pop(index, None)
 
-    def _tell(self, index: int, observer: object, note: _Note) -> None:
-        self._told_at[index] = self.clock()
+    def _tell_held(self, index: int, observer: object) -> None:
+        held = self._drop_held(index)
+        if held is not None:
+            self._tell(observer, held)
+
+    def _tell(self, observer: object, note: _Note) -> None:
         try:
             getattr(observer, note.hook)(*note.args)
         except Exception as exc:  # observability must never fail (and so re-pay) a step

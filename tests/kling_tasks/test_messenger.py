@@ -65,6 +65,21 @@ def test_a_held_change_goes_out_on_its_own_when_its_time_comes(tmp_path: Path) -
     assert throttled.told_at[1] - throttled.told_at[0] >= 0.29, "not before its interval"
 
 
+def test_a_change_after_a_quiet_spell_waits_for_its_followers(tmp_path: Path) -> None:
+    throttled = Throttled(interval=0.3)
+    recorder, _, plan = make(tmp_path, throttled)
+    with recorder:
+        time.sleep(0.5)  # longer than the interval since `started`
+        quiet_since = time.monotonic()
+        recorder.submitting(plan.steps[0])
+        time.sleep(0.05)
+        recorder.submitted(plan.steps[0], submission(0))  # its follower, moments later
+        wait_for(lambda: len(throttled.calls) >= 2)
+        time.sleep(0.4)
+    assert statuses(throttled) == [["submitted", "pending"]], "one write shows the change and its follower"
+    assert throttled.told_at[1] - quiet_since >= 0.29, "held for the interval from the first of them"
+
+
 def test_the_end_of_a_job_is_told_at_once_and_shows_the_whole_ledger(tmp_path: Path) -> None:
     throttled = Throttled(interval=30.0)
     recorder, sink, plan = make(tmp_path, throttled)
