@@ -239,6 +239,7 @@ def main() -> None:
             results["steady"].append({**row, "task_seconds": seconds, "time_scale": seconds / EXTEND_LATENCY})
             report(row)
             common.write_result(name, results)
+        os.environ.update(common.kling_env(emu.base_url, scale))  # the burst's emulator again
         for n in sizes if "burst" in loads else []:
             print(f"burst: {n} jobs at once x {args.steps} steps, ~{args.task_seconds:g} s tasks ...", flush=True)
             results["runs"].append(measure(n, args.steps, dest, emu, f"{tag}n{n}", calls))

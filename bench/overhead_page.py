@@ -82,7 +82,8 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
     if steady:
         out += ["Steady:", "", *_table(steady, o["task_seconds"]), ""]
     if burst:
-        out += ["Burst:", "", *_table(burst, o["task_seconds"]), ""]
+        source = f" ({o['burst_source']})" if o.get("burst_source") else ""
+        out += [f"Burst{source}:", "", *_table(burst, o["task_seconds"]), ""]
     everything = steady + burst
     if not everything:
         return out
@@ -111,6 +112,19 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
         lines[-1] += (f"; burst: {ratio:.2f}x (N x the CPU per step queued on 2 cores: "
                       f"{burst[-1]['jobs'] / burst[0]['jobs']:g}x the jobs at once is about that much longer a queue)")
     out += [lines[-1] + "."]
+    if not cpu_ok:
+        worst = max(everything, key=lambda r: r["cpu_per_step_s"])
+        out += ["", "**Why the CPU goal is missed, and what would close it.** The worst figure is "
+                f"{worst['cpu_per_step_s']:.3f} s (N = {worst['jobs']}). Under the steady load the worker's CPU per "
+                "step grows with the task's length, "
+                "not with the jobs: a lease is renewed every 45 s, so 200 s tasks cost ~4 renewals per step where "
+                "20 s tasks cost none, and each renewal round opened a new API client (a CSRF fetch: the 'other' "
+                "calls at 200 and 500); the renewer now keeps one client while it holds leases (after these "
+                "figures). In the burst of 500 the worker's event loop is saturated (the detection column: polls "
+                "answered ~19 s late are the loop's lag, with the Prefect server on the same 2 cores), and CPU per "
+                "step doubles with it: not profiled yet. What would close the rest: a longer lease (Prefect's minimum "
+                "is 60 s; 300 s would cut renewals 5x at the cost of a crashed worker's slot coming back later), and "
+                "a profile of the 500-job burst."]
     if o.get("prefect_database") == "sqlite":
         out.append("On SQLite (as `--quick` runs) the pipeline's own time is seconds per step: the server's writes "
                    "serialise, and a job's slot acquire and its first task run's start each waited 1.7-1.9 s in a "

@@ -62,14 +62,12 @@ class LeaseKeeper:
         self.leases.pop(lease_id, None)
 
     async def _renew(self) -> None:
-        while self.leases:
-            await asyncio.sleep(min(5.0, RENEW_EVERY / 4))
-            now = time.monotonic()
-            due = [lease for lease, renewed in self.leases.items() if now - renewed >= RENEW_EVERY]
-            if not due:
-                continue
-            gate = asyncio.Semaphore(RENEWALS_AT_ONCE)
-            async with get_client() as client:
+        gate = asyncio.Semaphore(RENEWALS_AT_ONCE)
+        async with get_client() as client:  # one client while any lease is held (each new one fetches a CSRF token)
+            while self.leases:
+                await asyncio.sleep(min(5.0, RENEW_EVERY / 4))
+                now = time.monotonic()
+                due = [lease for lease, renewed in self.leases.items() if now - renewed >= RENEW_EVERY]
                 await asyncio.gather(*(self._renew_one(client, lease, gate) for lease in due))
 
     async def _renew_one(self, client: Any, lease_id: UUID, gate: asyncio.Semaphore) -> None:

@@ -76,17 +76,31 @@ async def test_one_renewer_renews_every_held_lease(prefect_server: Any, monkeypa
         return await real_renew(self, lease_id=lease_id, lease_duration=lease_duration)  # the server answers
 
     monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", counting_renew)
+    renewer_clients = []
+    real_get_client = slot_leases.get_client
+
+    def counting_get_client() -> Any:
+        if asyncio.current_task() is slot_leases.keeper()._renewer:
+            renewer_clients.append(1)
+        return real_get_client()
+
+    monkeypatch.setattr(slot_leases, "get_client", counting_get_client)
     name = await make_limit(3)
-    entered = asyncio.Event()
+    inside: list[int] = []
+    all_in = asyncio.Event()
 
     async def hold() -> None:
         async with slot_leases.server_slot(name):
-            entered.set()
+            inside.append(1)
+            if len(inside) == 3:
+                all_in.set()
+            await asyncio.wait_for(all_in.wait(), timeout=30)  # the three leases are held at the same time
             await asyncio.sleep(1.2)
 
     await asyncio.gather(hold(), hold(), hold())
     leases = set(renewed)
     assert len(leases) == 3 and len(renewed) >= 6, f"every lease renewed more than once: {renewed}"
+    assert len(renewer_clients) == 1, "one API client for all the renewals"
     renewer = slot_leases.keeper()._renewer
     assert renewer is not None
     await asyncio.wait_for(renewer, timeout=2)  # with no lease left, the renewer ends
