@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,7 +29,6 @@ from prefect.settings import PREFECT_API_URL
 
 from kling_tasks.slot_leases import server_slot
 
-logger = logging.getLogger(__name__)
 
 def limit_name(account: str) -> str:
     return f"kling-account-{account}"
