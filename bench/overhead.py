@@ -35,6 +35,7 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -52,26 +53,31 @@ def make_jobs(count: int, steps: int, dest: str, tag: str) -> list[Any]:
             for i in range(count)]
 
 
-def kling_seconds_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
-    """Σ (succeed - created) of each job's tasks, emulator clock; job id = the external id's namespace."""
+def seconds_by_job(stats: dict[str, Any], tag: str, seconds: Callable[[str, dict[str, Any]], float | None]
+                   ) -> dict[str, float]:
+    """Σ seconds(task_id, task) over each job's succeeded tasks (None: not counted); job id = the external id's
+    namespace."""
     out: dict[str, float] = {}
-    for task in stats["tasks"].values():
+    for task_id, task in stats["tasks"].items():
         ext = task["external_task_id"] or ""
         if ext.startswith(f"{tag}-") and task["status"] == "succeed":
-            job = ext.rsplit("-s", 1)[0]
-            out[job] = out.get(job, 0.0) + (task["updated_at"] - task["created_at"]) / 1000
+            value = seconds(task_id, task)
+            if value is not None:
+                job = ext.rsplit("-s", 1)[0]
+                out[job] = out.get(job, 0.0) + value
     return out
+
+
+def kling_seconds_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
+    """Σ (succeed - created) of each job's tasks, emulator clock."""
+    return seconds_by_job(stats, tag, lambda _, task: (task["updated_at"] - task["created_at"]) / 1000)
 
 
 def detection_by_job(stats: dict[str, Any], tag: str) -> dict[str, float]:
     """Σ (the first answer that showed a task ended - its end) of each job's tasks: the polls' detection delay."""
-    out: dict[str, float] = {}
-    for task_id, task in stats["tasks"].items():
-        ext, seen = task["external_task_id"] or "", stats.get("final_seen_at", {}).get(task_id)
-        if ext.startswith(f"{tag}-") and task["status"] == "succeed" and seen is not None:
-            job = ext.rsplit("-s", 1)[0]
-            out[job] = out.get(job, 0.0) + max(0.0, seen - task["updated_at"]) / 1000
-    return out
+    seen_at = stats.get("final_seen_at", {})
+    return seconds_by_job(stats, tag, lambda task_id, task: None if task_id not in seen_at
+                          else max(0.0, seen_at[task_id] - task["updated_at"]) / 1000)
 
 
 def polls_of(stats: dict[str, Any], tag: str) -> list[float]:
@@ -104,15 +110,13 @@ async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
 
     from flows.batch import run_one
     from kling_tasks.batch_ledger import BatchEntry
-    from kling_tasks.identity import account_fingerprint
     from kling_tasks.settings import load_settings
     from kling_tasks.slots import ensure_account_limit
 
     @flow(name="bench-staggered-jobs")
     async def staggered() -> list[BatchEntry]:
-        settings = load_settings()
-        account = account_fingerprint(settings)
-        await ensure_account_limit(account, settings.max_concurrency)
+        account = account_now()
+        await ensure_account_limit(account, load_settings().max_concurrency)
         entries = [BatchEntry(job_id=job.effective_job_id(), dest=job.dest) for job in jobs]
 
         async def start(index: int) -> None:

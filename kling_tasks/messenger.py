@@ -11,9 +11,9 @@ that finds none held, and the newest change is told when that time comes, so it 
 change's followers, like a create's task id or a store right after a video succeeded, come within moments: one
 write shows them all, where telling the first at once cost a second write for the rest). A job's end or failure
 is told at once, and a `flush()` returns only once what was held has been told: a job's last picture is
-complete. The interval also grows with the jobs open in this
-process, so that all of them together are told at most WRITES_PER_SECOND changes a second: each artifact write
-costs the worker and the Prefect server CPU, and 500 jobs in one process must not cost 10x what 50 do.
+complete. The interval also grows with the jobs open in this process, so that all of them together are told at
+most WRITES_PER_SECOND changes a second: each artifact write costs the worker and the Prefect server CPU, and
+500 jobs in one process must not cost 10x what 50 do.
 
 `close()` (the job's ledger is closed) tells what is held and ends the thread.
 """
