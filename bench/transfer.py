@@ -20,7 +20,7 @@ Methods alternate within each repeat (upload_file, managed, managed-copy, ...), 
 shared machine hits them alike. MiB/s = body size / wall time of the call, median over --repeat. The script
 writes bench/results/transfer.json and (full runs) the page's section from it, bench/results/transfer.md.
 
-    .venv/bin/python bench/transfer.py             # 16, 256, 1024 MiB, 2 repeats; ~10-15 min on 2 cores
+    .venv/bin/python bench/transfer.py             # 16, 256, 1024 MiB, 3 repeats; ~6-15 min on 2 cores
     .venv/bin/python bench/transfer.py --quick     # 8 and 32 MiB, 1 repeat, 3 methods, no renders: 20-30 s
                                                    # at load ~7 on 2 cores, ~60 s at load 10
 From Python (the lead's bench command): `import transfer; figures = transfer.run(quick=True)`.
@@ -199,7 +199,7 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
     from kling_tasks.storage.s3_upload import CONCURRENCY, PART_SIZE
 
     sizes = sizes or ([8, 32] if quick else [16, 256, 1024])
-    repeat = repeat or (1 if quick else 2)
+    repeat = repeat or (1 if quick else 3)
     extensions = extensions if extensions is not None else (-1 if quick else 10)  # -1: no emulator renders
     part_size = (part_size_mb * MB) if part_size_mb else PART_SIZE
     concurrency = concurrency or CONCURRENCY
@@ -264,29 +264,31 @@ def run(quick: bool, *, sizes: list[int] | None = None, repeat: int | None = Non
                     for leftover in (tmp / "out-child").rglob("*.mp4"):
                         leftover.unlink()
                     if got is not None:
-                        runs[method].append(got)
+                        runs[method].append({**got, "repeat": r})
+            target = {x["repeat"]: x["size_mb"] / x["seconds"] for x in runs.get("upload_file", [])}
             for method, got_runs in runs.items():
                 if not got_runs:
                     continue
                 speeds = [x["size_mb"] / x["seconds"] for x in got_runs]
+                # the transfer alone: the store less the step that adds the sha256 (tag or copy)
+                alone = [x["size_mb"] / (x["seconds"] - x["tag_seconds"] - x["tag_copy_seconds"]) for x in got_runs]
                 rows.append({"size_mb": n, "method": method, "mb_per_s_median": round(statistics.median(speeds), 1),
                              "mb_per_s_all": [round(s, 1) for s in speeds],
+                             "vs_upload_file_paired": paired(got_runs, speeds, target),
+                             "transfer_only_vs_upload_file_paired": paired(got_runs, alone, target),
                              "peak_rss_mb_max": max(x["peak_rss_mb"] for x in got_runs),
                              "rss_before_mb": got_runs[0]["rss_before_mb"],
                              "peak_rss_is_of_the_store": all(x["peak_rss_is_of_the_store"] for x in got_runs),
                              "tag_seconds_median": round(statistics.median(x["tag_seconds"] for x in got_runs), 3),
                              "tag_copy_seconds_median": round(statistics.median(
                                  x["tag_copy_seconds"] for x in got_runs), 3),
-                             # the transfer alone: the store less the step that adds the sha256 (tag or copy)
-                             "mb_per_s_transfer_only_median": round(statistics.median(
-                                 x["size_mb"] / (x["seconds"] - x["tag_seconds"] - x["tag_copy_seconds"])
-                                 for x in got_runs), 1)})
+                             "mb_per_s_transfer_only_median": round(statistics.median(alone), 1)})
         results["stores"] = rows
-        for name, method, field in (("managed_vs_upload_file", "managed", "mb_per_s_median"),
-                                    ("managed_copy_vs_upload_file", "managed-copy", "mb_per_s_median"),
+        for name, method, field in (("managed_vs_upload_file", "managed", "vs_upload_file_paired"),
+                                    ("managed_copy_vs_upload_file", "managed-copy", "vs_upload_file_paired"),
                                     ("managed_transfer_only_vs_upload_file", "managed",
-                                     "mb_per_s_transfer_only_median"),
-                                    ("sequential_vs_upload_file", "sequential", "mb_per_s_median")):
+                                     "transfer_only_vs_upload_file_paired"),
+                                    ("sequential_vs_upload_file", "sequential", "vs_upload_file_paired")):
             results[name] = ratios(rows, sizes, method, field)
     return results
 
@@ -299,14 +301,21 @@ def restore_env(saved: dict[str, str | None]) -> None:
             os.environ[name] = value
 
 
+def paired(got_runs: list[dict[str, Any]], speeds: list[float], target: dict[int, float]) -> list[float]:
+    """Each store's MiB/s over that of the upload_file of its own repeat (run just before it), so a load change
+    between repeats cancels out instead of landing on one side of the division."""
+    return [round(speed / target[x["repeat"]], 3) for x, speed in zip(got_runs, speeds, strict=True)
+            if x["repeat"] in target]
+
+
 def ratios(rows: list[dict[str, Any]], sizes: list[int], method: str, field: str) -> dict[str, float]:
-    """Per size: `method`'s MiB/s (`field`) over upload_file's; sizes where either was not measured are left out."""
+    """Per size: the median of `method`'s paired ratios to upload_file (`field`); sizes without a pair are left
+    out."""
     out = {}
     for n in sizes:
         got = [r[field] for r in rows if r["method"] == method and r["size_mb"] == n]
-        base = [r["mb_per_s_median"] for r in rows if r["method"] == "upload_file" and r["size_mb"] == n]
-        if got and base:
-            out[str(n)] = round(got[0] / base[0], 2)
+        if got and got[0]:
+            out[str(n)] = round(statistics.median(got[0]), 2)
     return out
 
 
