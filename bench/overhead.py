@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -151,12 +152,29 @@ async def copy_task_lengths(source: str, target: str, factor: float) -> None:
         print("  no learned task lengths to start from: the first tasks poll by the adaptive policy", flush=True)
 
 
+class ExpiredLeases(logging.Handler):
+    """Counts the account-slot leases that expired before their renewal (kling_tasks.slot_leases warns once each)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += "expired before its renewal" in record.getMessage()
+
+
 def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
             calls: api_calls.Counts, spacing: float = 0.0) -> dict[str, Any]:
     server_cpu0 = common.group_cpu_seconds(common.SERVER_PID)
     emu_cpu0 = common.group_cpu_seconds(emu.child.process.pid)
     calls0 = calls.snapshot()
-    wall, cpu, entries = run_batch(n, steps, dest, tag, spacing)
+    expired = ExpiredLeases()
+    leases_log = logging.getLogger("kling_tasks.slot_leases")
+    leases_log.addHandler(expired)
+    try:
+        wall, cpu, entries = run_batch(n, steps, dest, tag, spacing)
+    finally:
+        leases_log.removeHandler(expired)
     prefect_calls = api_calls.per_step(calls0, calls.snapshot(), max(1, n * steps))
     server_cpu = common.group_cpu_seconds(common.SERVER_PID) - server_cpu0
     emu_cpu = common.group_cpu_seconds(emu.child.process.pid) - emu_cpu0
@@ -177,7 +195,7 @@ def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
             "emulator_cpu_per_step_s": round(emu_cpu / max(1, n * steps), 4),
             "polls_per_task": common.stats(polls_of(stats, tag)),
             "prefect_calls_per_step": prefect_calls,
-            "concurrency_high_water": stats["concurrency_high_water"]}
+            "concurrency_high_water": stats["concurrency_high_water"], "leases_expired": expired.count}
 
 
 def report(row: dict[str, Any]) -> None:
@@ -185,7 +203,8 @@ def report(row: dict[str, Any]) -> None:
     print(f"  {row['succeeded']}/{row['jobs']} ok, overhead/step mean {o.get('mean')} s p90 {o.get('p90')} s "
           f"(pipeline {p.get('mean')} s, detection {row['detection_per_step_s'].get('mean')} s), "
           f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
-          f"polls/task {row['polls_per_task'].get('mean')}, wall {row['batch_wall_s']} s", flush=True)
+          f"polls/task {row['polls_per_task'].get('mean')}, wall {row['batch_wall_s']} s, "
+          f"{row['leases_expired']} slot lease(s) expired", flush=True)
     pc = row["prefect_calls_per_step"]
     print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
           f"{pc['log_batches']} log batches: {pc['http']} {pc['events']}", flush=True)

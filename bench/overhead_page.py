@@ -28,7 +28,7 @@ def _server(r: dict[str, Any]) -> str:
 def _table(rows: list[dict[str, Any]], task_seconds: Any) -> list[str]:
     out = ["| N jobs | task length | ok | overhead / step: mean | p90 | of which detection | pipeline's own | "
            "CPU / step (worker) | Prefect server CPU / step | emulator CPU / step | Prefect calls / step (HTTP + "
-           "events) | polls / task | wall |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "events) | polls / task | wall | slot leases expired |", "|---" * 14 + "|"]
     for r in rows:
         seconds = r.get("task_seconds", task_seconds)
         p90 = r["overhead_per_step_s"].get("p90", float("nan"))
@@ -37,7 +37,7 @@ def _table(rows: list[dict[str, Any]], task_seconds: Any) -> list[str]:
                    f"{_mean(r, 'detection_per_step_s'):.2f} s | {_mean(r, 'pipeline_per_step_s'):.2f} s | "
                    f"{r['cpu_per_step_s']:.3f} s | {_server(r)} | "
                    f"{r['emulator_cpu_per_step_s']:.3f} s | {_calls(r)} | {r['polls_per_task'].get('mean', 0):.1f} | "
-                   f"{r['batch_wall_s']:.0f} s |")
+                   f"{r['batch_wall_s']:.0f} s | {r.get('leases_expired', 'n/a')} |")
     return out
 
 

@@ -4,7 +4,7 @@ Prefect's `concurrency()` context gives every holder its own renewal thread with
 CSRF fetch): a batch of 500 jobs in one process kept 500 threads and 500 clients. Here every lease of an
 event loop is renewed by one task with one client, and the acquire and release use the caller's client (a
 flow run's, inside a flow). The server-side semantics are Prefect's: a lease of LEASE_SECONDS, renewed at
-3/4 of it; a holder that dies stops renewing and the server frees its slot when the lease expires.
+half of it; a holder that dies stops renewing and the server frees its slot when the lease expires.
 """
 
 from __future__ import annotations
@@ -27,10 +27,14 @@ from prefect.context import AsyncClientContext
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 60.0  # Prefect's minimum: a crashed holder's slot is back within about a minute
-RENEW_EVERY = 0.75 * LEASE_SECONDS
-RENEWALS_AT_ONCE = 10
+# A crashed holder's slot is back within two minutes (Prefect's minimum is 60 s, its default 300 s). Renewed at
+# half-life: 500 leases acquired in one burst fall due together, and with 60 s renewed at 45 s a loaded server
+# let hundreds expire before their turn came (2026-12-02, the 500-job burst benchmark).
+LEASE_SECONDS = 120.0
+RENEW_EVERY = LEASE_SECONDS / 2
+RENEWALS_AT_ONCE = 16  # the renewer's client has Prefect's 16 connections
 LOCKED = 423  # every slot is held (by other processes: this one asks only when it has a place)
+GONE = 410  # the lease expired (or was revoked): renewing it again cannot help
 
 
 class SlotLimitMissing(RuntimeError):
@@ -81,6 +85,13 @@ class LeaseKeeper:
                     self.leases[lease_id] = time.monotonic()
                 return
             except Exception as exc:
+                gone = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == GONE
+                if gone:
+                    logger.warning("the account slot's lease %s expired before its renewal; the slot may be given "
+                                   "to another holder (Kling answers an extra task with 1303: back-pressure)",
+                                   lease_id)
+                    self.leases.pop(lease_id, None)
+                    return
                 if attempt == 2:
                     # The step keeps going: a 1303 from Kling is back-pressure, never a failed job.
                     logger.warning("could not renew the account slot's lease %s (%s: %s); the slot may be "

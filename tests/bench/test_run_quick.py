@@ -40,6 +40,7 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
     assert overhead["runs"] and overhead["steady"], "both loads ran: burst and steady"
     assert all(r["succeeded"] == r["jobs"] for r in loads)
     assert all(r["overhead_per_step_s"]["n"] == r["jobs"] and r["cpu_per_step_s"] > 0 for r in loads)
+    assert all(r["leases_expired"] == 0 for r in loads), "a few short jobs renew no lease late"
     assert all(r["detection_per_step_s"]["n"] == r["jobs"] and r["detection_per_step_s"]["mean"] > 0 for r in loads), \
         "the detection delay is measured (the emulator's final_seen_at) for every job"
     assert all(r["prefect_calls_per_step"]["events"].get("prefect.task-run.*", 0) >= 9 for r in loads), \
@@ -48,6 +49,9 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
     assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
     makespan = result("makespan", output)
     assert [r["name"].split(" (")[0] for r in makespan["runs"]] == ["flow local", "rerun local"]
+    transfer = result("transfer", output)
+    assert set(transfer["managed_vs_upload_file"]) == {str(n) for n in transfer["sizes_mb"]}, \
+        "the store's paired ratio to upload_file at every size"
     rerun = result("rerun", output)
     assert rerun["reruns"] and all(r["creates"] == 0 for r in rerun["reruns"])  # a rerun never creates
 

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import httpx
 import pytest
 from prefect import get_client
 from prefect.client.orchestration import PrefectClient
@@ -122,3 +123,31 @@ async def test_a_renewal_that_fails_does_not_stop_the_holder(prefect_server: Any
         await asyncio.sleep(0.6)
     assert "could not renew the account slot's lease" in caplog.text
     assert await active_slots(name) == 0, "released all the same"
+
+
+async def test_a_lease_the_server_no_longer_has_is_dropped_not_retried(prefect_server: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A lease that expired before its turn (a loaded server) answers 410: renewing it again cannot help."""
+    monkeypatch.setattr(slot_leases, "RENEW_EVERY", 0.2)
+    answers: list[int] = []
+    real_renew = PrefectClient.renew_concurrency_lease
+
+    async def recorded_renew(self: PrefectClient, lease_id: uuid.UUID, lease_duration: float) -> Any:
+        try:
+            return await real_renew(self, lease_id=lease_id, lease_duration=lease_duration)
+        except httpx.HTTPStatusError as exc:
+            answers.append(exc.response.status_code)
+            raise
+
+    monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", recorded_renew)
+    name = await make_limit(1)
+    async with slot_leases.server_slot(name):
+        [lease_id] = slot_leases.keeper().leases
+        async with get_client() as client:  # the server forgets the lease, as when it expired
+            await client.release_concurrency_slots_with_lease(lease_id=lease_id)
+        await asyncio.sleep(1.0)
+        assert lease_id not in slot_leases.keeper().leases, "no longer renewed"
+    assert answers == [410], f"one renewal, answered 410 Gone, not retried: {answers}"
+    assert "expired before its renewal" in caplog.text
+    assert await active_slots(name) == 0
