@@ -111,6 +111,7 @@ async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
 
     from flows.batch import run_one
     from kling_tasks.batch_ledger import BatchEntry
+    from kling_tasks.prefect_api import gated_prefect_client
     from kling_tasks.settings import load_settings
     from kling_tasks.slots import ensure_account_limit
 
@@ -124,7 +125,8 @@ async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
             await asyncio.sleep(index * spacing)
             await run_one(jobs[index], entries[index], False, None, account)
 
-        await asyncio.gather(*(start(i) for i in range(len(jobs))))
+        async with gated_prefect_client():  # as produce_batch runs its jobs
+            await asyncio.gather(*(start(i) for i in range(len(jobs))))
         return entries
 
     return await staggered()

@@ -32,6 +32,7 @@ from kling_tasks.jobs_file import JobsFileError, check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
 from kling_tasks.observability.batch_summary import publish_batch_summary
 from kling_tasks.observability.contact_sheet import contact_sheet_key
+from kling_tasks.prefect_api import gated_prefect_client
 from kling_tasks.preflight import prepare
 from kling_tasks.recovery import DEFAULT_SETTLE
 from kling_tasks.settings import KlingSettings, load_settings
@@ -251,7 +252,8 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
         async with in_flight:
             await run_one(job, entry, resubmit_failed, deployment, account)
 
-    await asyncio.gather(*(gated(job, entry) for job, entry in zip(batch, manifest.jobs, strict=True)))
+    async with gated_prefect_client():  # hundreds of jobs' Prefect calls: one client, a short queue at its pool
+        await asyncio.gather(*(gated(job, entry) for job, entry in zip(batch, manifest.jobs, strict=True)))
     manifest.status = "failed" if manifest.failed else "succeeded"
     await asyncio.to_thread(save_batch, sink, manifest)
     await asyncio.to_thread(publish_batch_summary, manifest)
