@@ -67,12 +67,18 @@ class LeaseKeeper:
 
     async def _renew(self) -> None:
         gate = asyncio.Semaphore(RENEWALS_AT_ONCE)
+        renewing: dict[UUID, asyncio.Task[None]] = {}
         async with get_client() as client:  # one client while any lease is held (each new one fetches a CSRF token)
-            while self.leases:
+            while self.leases or renewing:
                 await asyncio.sleep(min(5.0, RENEW_EVERY / 4))
+                for lease in [lease for lease, task in renewing.items() if task.done()]:
+                    del renewing[lease]
+                # A lease that falls due starts its renewal at once (its turn at the gate), not after the slowest
+                # renewal of an earlier round: under load, rounds that wait for each other let leases expire.
                 now = time.monotonic()
-                due = [lease for lease, renewed in self.leases.items() if now - renewed >= RENEW_EVERY]
-                await asyncio.gather(*(self._renew_one(client, lease, gate) for lease in due))
+                for lease, renewed in list(self.leases.items()):
+                    if now - renewed >= RENEW_EVERY and lease not in renewing:
+                        renewing[lease] = asyncio.create_task(self._renew_one(client, lease, gate))
 
     async def _renew_one(self, client: Any, lease_id: UUID, gate: asyncio.Semaphore) -> None:
         for attempt in range(3):  # a renewal that fails once (an API hiccup) must not cost the slot
