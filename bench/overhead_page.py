@@ -41,6 +41,11 @@ def _table(rows: list[dict[str, Any]], task_seconds: Any) -> list[str]:
     return out
 
 
+def _renewals(r: dict[str, Any]) -> float:
+    http = (r.get("prefect_calls_per_step") or {}).get("http", {})
+    return float(http.get("POST /v2/concurrency_limits/leases/{id}/renew", 0))
+
+
 def _budget(c: dict[str, Any]) -> str:
     """`6.5 artifact writes, ...`: the per-step Prefect calls by kind."""
     http, events = c["http"], c["events"]
@@ -114,17 +119,26 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
     out += [lines[-1] + "."]
     if not cpu_ok:
         worst = max(everything, key=lambda r: r["cpu_per_step_s"])
+        renewals = ", ".join(f"{_renewals(r):.1f} at N = {r['jobs']}" for r in steady)
+        expired = ", ".join(f"{r.get('leases_expired', 'n/a')} of {r['jobs']}" for r in burst)
         out += ["", "**Why the CPU goal is missed, and what would close it.** The worst figure is "
-                f"{worst['cpu_per_step_s']:.3f} s (N = {worst['jobs']}). Under the steady load the worker's CPU per "
-                "step grows with the task's length, "
-                "not with the jobs: a lease is renewed every 45 s, so 200 s tasks cost ~4 renewals per step where "
-                "20 s tasks cost none, and each renewal round opened a new API client (a CSRF fetch: the 'other' "
-                "calls at 200 and 500); the renewer now keeps one client while it holds leases (after these "
-                "figures). In the burst of 500 the worker's event loop is saturated (the detection column: polls "
-                "answered ~19 s late are the loop's lag, with the Prefect server on the same 2 cores), and CPU per "
-                "step doubles with it: not profiled yet. What would close the rest: a longer lease (Prefect's minimum "
-                "is 60 s; 300 s would cut renewals 5x at the cost of a crashed worker's slot coming back later), and "
-                "a profile of the 500-job burst."]
+                f"{worst['cpu_per_step_s']:.3f} s (N = {worst['jobs']}, {'burst' if worst in burst else 'steady'}). "
+                "Under the steady load the worker's CPU per step grows with the task's length, not with the jobs: "
+                "a job's slot lease (120 s, renewed at half-life) costs a renewal per 60 s of its tasks"
+                + (f" ({renewals} renewals per step)" if renewals else "") + ". In the burst the worker shares 2 "
+                "saturated cores with the Prefect server (which spends more CPU per step than the worker) and "
+                "PostgreSQL, and every job's calls fall due together: a py-spy profile of the 500-job burst put most "
+                "of the worker's samples in httpcore's connection-pool bookkeeping, which re-examines every queued "
+                "request whenever a connection frees (encode/httpcore#1035); a batch's jobs now queue their Prefect "
+                "calls in front of the pool (`kling_tasks/prefect_api.py`), which took the 500-job figure from "
+                "0.31-0.33 to 0.28 s in this session's paired runs, not to 0.1 s."
+                + (f" Slot leases that expired before their renewal in the burst: {expired} (renewals wait behind "
+                   "the burst's traffic; such a slot is back-pressure by design, Kling answers 1303, never a "
+                   "failed job)." if expired else "")
+                + " What would close the rest: the Prefect server on cores of its own (it is most of the CPU per "
+                "step here), one ledger-observer thread per process instead of one per job (the 500-job burst "
+                "runs ~780 threads), and fewer Prefect writes per step (the three task runs are the contract's, "
+                "DESIGN 2.6)."]
     if o.get("prefect_database") == "sqlite":
         out.append("On SQLite (as `--quick` runs) the pipeline's own time is seconds per step: the server's writes "
                    "serialise, and a job's slot acquire and its first task run's start each waited 1.7-1.9 s in a "
@@ -147,7 +161,17 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
 
 
 HISTORY = [
-    "What changed, measured on this benchmark (issue 12, goal 3). This round: the account slot's lease is held "
+    "What changed, measured on this benchmark (issue 12, goal 3). Latest round (2026-12-02, afternoon): a batch's "
+    "jobs share one Prefect client whose requests queue in a semaphore in front of httpcore's pool (the pool "
+    "re-examines every waiting request whenever a connection frees, so its bookkeeping grows with the square of "
+    "the queue); the client fetches its CSRF token once before the jobs start (without that, every job that "
+    "started at the same moment fetched one: 0.52 fetches per step). Burst N = 500, one run each: worker CPU per "
+    "step 0.308 and 0.330 s without the gate, 0.282 s with it; N = 200, two runs each: 0.190 / 0.167 s without, "
+    "0.163 / 0.169 s with (no change: the queue is short). Slot leases of 120 s renewed at half-life (were 60 s "
+    "renewed at 45 s), each renewal started as soon as its lease falls due (were rounds that waited for their "
+    "slowest), a lease the server no longer has (410) dropped instead of retried: the 500-job burst had 217 "
+    "leases expire before their renewal with 60 s, 202 and 365 with 120 s in rounds. The round before: the "
+    "account slot's lease is held "
     "through `kling_tasks.slot_leases` (one renewal task per event loop, the caller's API client for acquire and "
     "release) instead of Prefect's `concurrency()`, which started a renewal thread with its own client (and a CSRF "
     "fetch) per job; the job's task runs carry `provider:` and `model:` but not `job:` (Prefect checks a tagged task "
