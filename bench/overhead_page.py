@@ -41,6 +41,12 @@ def _table(rows: list[dict[str, Any]], task_seconds: Any) -> list[str]:
     return out
 
 
+def _server_busy(r: dict[str, Any]) -> float | None:
+    """The share of the run's wall time the Prefect server spent on the CPU."""
+    cpu = r.get("prefect_server_cpu_per_step_s")
+    return None if cpu is None else cpu * r["jobs"] * r["steps"] / max(r["batch_wall_s"], 1e-9)
+
+
 def _renewals(r: dict[str, Any]) -> float:
     http = (r.get("prefect_calls_per_step") or {}).get("http", {})
     return float(http.get("POST /v2/concurrency_limits/leases/{id}/renew", 0))
@@ -117,6 +123,17 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
         lines[-1] += (f"; burst: {ratio:.2f}x (N x the CPU per step queued on 2 cores: "
                       f"{burst[-1]['jobs'] / burst[0]['jobs']:g}x the jobs at once is about that much longer a queue)")
     out += [lines[-1] + "."]
+    ratio_ok = len(steady) >= 2 and (_mean(steady[-1], "pipeline_per_step_s")
+                                     <= 2 * _mean(steady[0], "pipeline_per_step_s"))
+    if steady and not (pipeline_ok and ratio_ok):
+        busy = ", ".join(f"{_server_busy(r):.0%} at N = {r['jobs']}" for r in steady if _server_busy(r) is not None)
+        out += ["", "**Why the steady goals are missed, and what would close it.** The pipeline's own time is "
+                "mostly its wait for the Prefect server, one Python process that takes every state, event and "
+                f"artifact write: it was busy {busy} of the steady runs' wall time (its CPU per step x steps / "
+                "wall), and a queue's wait grows steeply as its server nears full use; its CPU per step grows with "
+                "N (more runs in flight, more rows to read). What would close it: the Prefect server on cores of "
+                "its own, or several API servers on one PostgreSQL (Prefect's way to scale out), and fewer server "
+                "writes per step."]
     if not cpu_ok:
         worst = max(everything, key=lambda r: r["cpu_per_step_s"])
         renewals = ", ".join(f"{_renewals(r):.1f} at N = {r['jobs']}" for r in steady)
@@ -131,7 +148,7 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
                 "of the worker's samples in httpcore's connection-pool bookkeeping, which re-examines every queued "
                 "request whenever a connection frees (encode/httpcore#1035); a batch's jobs now queue their Prefect "
                 "calls in front of the pool (`kling_tasks/prefect_api.py`), which took the 500-job figure from "
-                "0.31-0.33 to 0.28 s in this session's paired runs, not to 0.1 s."
+                "0.31-0.33 to 0.28 s in this session's A/B runs, not to 0.1 s."
                 + (f" Slot leases that expired before their renewal in the burst: {expired} (renewals wait behind "
                    "the burst's traffic; such a slot is back-pressure by design, Kling answers 1303, never a "
                    "failed job)." if expired else "")
@@ -170,7 +187,13 @@ HISTORY = [
     "0.163 / 0.169 s with (no change: the queue is short). Slot leases of 120 s renewed at half-life (were 60 s "
     "renewed at 45 s), each renewal started as soon as its lease falls due (were rounds that waited for their "
     "slowest), a lease the server no longer has (410) dropped instead of retried: the 500-job burst had 217 "
-    "leases expire before their renewal with 60 s, 202 and 365 with 120 s in rounds. The round before: the "
+    "leases expire before their renewal with 60 s, 202 and 365 with 120 s in rounds. This session's machine was "
+    "slower than the previous one's: for the same calls per step (steady N = 50: 11.0 HTTP calls and 19.1 events, "
+    "were 10.7 and 18.8) the Prefect server spent 0.292 / 0.335 / 0.447 s of CPU per step at steady N = 50 / 200 / "
+    "500 (were 0.189 / 0.221 / 0.268), the worker 0.135 / 0.145 / 0.168 s (were 0.089 / 0.099 / 0.105), and a CLI "
+    "rerun, whose code did not change, took 0.58 s (was 0.42): about 1.5x the CPU for the same work. On it, 500 "
+    "steady jobs keep the server 70 % busy, and the pipeline's own time at 500 rose from 0.27 to 2.17 s per step "
+    "(the previous run's steady goals were met). The round before: the "
     "account slot's lease is held "
     "through `kling_tasks.slot_leases` (one renewal task per event loop, the caller's API client for acquire and "
     "release) instead of Prefect's `concurrency()`, which started a renewal thread with its own client (and a CSRF "

@@ -117,6 +117,9 @@ def main() -> None:
             start = time.monotonic()
             transfer = run_transfer(args.quick)
             took["transfer"] = time.monotonic() - start
+            if transfer is not None:  # its own file too, with the machine and the command, as bench/transfer.py writes
+                written = common.write_result("transfer-quick" if args.quick else "transfer", transfer)
+                transfer = json.loads(written.read_text())
     suffix = "-quick" if args.quick else ""
     meta = {"database": database, "part_seconds": {k: round(v, 1) for k, v in took.items()}, "transfer": transfer,
             "command_line": " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])}
