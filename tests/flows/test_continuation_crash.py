@@ -137,7 +137,7 @@ def test_killed_continuation_resumes_to_the_same_bytes(emulator: Any, crash_env:
         assert step["status"] == "stored"
         assert sha256(read(DEST, f"{job_id}/step-{index:02d}.mp4")) == step["sha256"]
         assert sha256(read(DEST, f"{job_id}/clip-{index:02d}.mp4")) == step["clip_sha256"]
-    assert open_uploads() == [], "no multipart upload left open"
+    assert open_uploads(BUCKET) == [], "no multipart upload left open"
     final = sha256(read(DEST, f"{job_id}/final.mp4"))
     assert final == steps[-1]["sha256"]
     assert final == reference_final(crash_env, tmp_path), "the same bytes as an uninterrupted run"
