@@ -6,6 +6,7 @@ thread would share the GIL with the code being measured and blur both its timing
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -37,12 +38,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@functools.cache
+def python_loop_ms() -> float:
+    """CPU milliseconds of a fixed pure-Python loop (the best of 5): the machine's speed for this kind of code,
+    so that CPU figures of runs on different days can be compared (the machines here vary by 2x)."""
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        total = 0
+        for i in range(1_000_000):
+            total += i % 7
+        best = min(best, time.process_time() - start)
+    return round(best * 1000, 1)
+
+
 def machine() -> dict[str, Any]:
     """What the numbers depend on, recorded next to them."""
     load = os.getloadavg()
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
+        "python_loop_ms": python_loop_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "loadavg_1_5_15_at_start": [round(x, 2) for x in LOAD_AT_START],

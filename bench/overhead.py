@@ -42,6 +42,7 @@ from typing import Any
 
 import api_calls
 import common
+import phases
 
 EXTEND_LATENCY = 320.0
 
@@ -111,7 +112,7 @@ async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
 
     from flows.batch import run_one
     from kling_tasks.batch_ledger import BatchEntry
-    from kling_tasks.prefect_api import gated_prefect_client
+    from kling_tasks.prefect_api import jobs_in_this_process
     from kling_tasks.settings import load_settings
     from kling_tasks.slots import ensure_account_limit
 
@@ -125,7 +126,7 @@ async def staggered_jobs(jobs: list[Any], spacing: float) -> list[Any]:
             await asyncio.sleep(index * spacing)
             await run_one(jobs[index], entries[index], False, None, account)
 
-        async with gated_prefect_client():  # as produce_batch runs its jobs
+        async with jobs_in_this_process():  # as produce_batch runs its jobs
             await asyncio.gather(*(start(i) for i in range(len(jobs))))
         return entries
 
@@ -195,6 +196,7 @@ def measure(n: int, steps: int, dest: str, emu: common.Emulator, tag: str,
             "cpu_per_step_s": round(cpu / max(1, n * steps), 4),
             "prefect_server_cpu_per_step_s": round(server_cpu / max(1, n * steps), 4) if common.SERVER_PID else None,
             "emulator_cpu_per_step_s": round(emu_cpu / max(1, n * steps), 4),
+            "pipeline_phases_per_step_s": phases.phases_per_step(entries, stats, tag, steps),
             "polls_per_task": common.stats(polls_of(stats, tag)),
             "prefect_calls_per_step": prefect_calls,
             "concurrency_high_water": stats["concurrency_high_water"], "leases_expired": expired.count}
@@ -207,6 +209,10 @@ def report(row: dict[str, Any]) -> None:
           f"CPU/step {row['cpu_per_step_s']} s (server {row['prefect_server_cpu_per_step_s']} s), "
           f"polls/task {row['polls_per_task'].get('mean')}, wall {row['batch_wall_s']} s, "
           f"{row['leases_expired']} slot lease(s) expired", flush=True)
+    ph = row["pipeline_phases_per_step_s"]
+    print(f"  pipeline's own time per step, {ph.get('jobs')} jobs: subflow start {ph.get('subflow_start')} s, first "
+          f"create {ph.get('first_create')} s, hand-offs {ph.get('hand_offs')} s, end {ph.get('end')} s, "
+          f"outside the run {ph.get('outside')} s", flush=True)
     pc = row["prefect_calls_per_step"]
     print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
           f"{pc['log_batches']} log batches: {pc['http']} {pc['events']}", flush=True)

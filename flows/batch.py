@@ -32,7 +32,7 @@ from kling_tasks.jobs_file import JobsFileError, check_batch_budget, load_jobs
 from kling_tasks.manifest import load_manifest, manifest_key
 from kling_tasks.observability.batch_summary import publish_batch_summary
 from kling_tasks.observability.contact_sheet import contact_sheet_key
-from kling_tasks.prefect_api import gated_prefect_client
+from kling_tasks.prefect_api import jobs_in_this_process
 from kling_tasks.preflight import prepare
 from kling_tasks.recovery import DEFAULT_SETTLE
 from kling_tasks.settings import KlingSettings, load_settings
@@ -145,11 +145,16 @@ def one_line(text: str | None) -> str:
     return " ".join((text or "no reason given").split())[:500]
 
 
+# The batch hands its subflows jobs it has already validated (resolve_jobs, check_batch): Prefect's validation of
+# a call's parameters builds a pydantic model of the signature on every call, a few ms of CPU per job.
+produce_video_here = produce_video.with_options(validate_parameters=False)
+
+
 async def run_here(job: VideoJob, resubmit_failed: bool) -> str | None:
     """The job as a subflow run of this process: None when it succeeded, else why it failed."""
     plan = plan_job(job)
     with tags(*job_run_tags(load_settings().provider, plan.model_name, plan.job_id)):
-        state = await produce_video(job=job, resubmit_failed=resubmit_failed, return_state=True)
+        state = await produce_video_here(job=job, resubmit_failed=resubmit_failed, return_state=True)
     if state.is_completed():
         return None
     error = await state.aresult(raise_on_failure=False)
@@ -252,7 +257,7 @@ async def produce_batch(jobs: list[VideoJob] | None = None, jobs_file: str | Non
         async with in_flight:
             await run_one(job, entry, resubmit_failed, deployment, account)
 
-    async with gated_prefect_client():  # hundreds of jobs' Prefect calls: one client, a short queue at its pool
+    async with jobs_in_this_process():  # hundreds of jobs' Prefect calls: one client, a short queue at its pool
         await asyncio.gather(*(gated(job, entry) for job, entry in zip(batch, manifest.jobs, strict=True)))
     manifest.status = "failed" if manifest.failed else "succeeded"
     await asyncio.to_thread(save_batch, sink, manifest)

@@ -1,4 +1,5 @@
-"""One Prefect API client for the jobs a batch runs in this process, with a short queue in front of its pool.
+"""What the jobs a batch runs in this process share: one Prefect API client with a short queue in front of its
+pool, and subflow runs without heartbeat threads (`jobs_in_this_process`).
 
 httpcore's connection pool (httpx's, under Prefect's client) re-examines every waiting request whenever a
 connection frees, and offers the free connection to all of them (encode/httpcore#1035): with hundreds of
@@ -23,6 +24,8 @@ from prefect.settings import (
     PREFECT_API_ENABLE_HTTP2,
     PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    temporary_settings,
 )
 
 # Prefect's own pool for an API URL (prefect.client.orchestration.PrefectClient), kept as it is.
@@ -100,3 +103,18 @@ async def gated_prefect_client() -> AsyncIterator[None]:
         # jobs starting together would each fetch one. One change request first (a one-run filter) fetches it.
         await client.read_flow_runs(limit=1)
         yield
+
+
+@asynccontextmanager
+async def jobs_in_this_process() -> AsyncIterator[None]:
+    """The block a batch runs its jobs' subflows in: the gated client above, and no heartbeats for the subflows.
+
+    Prefect 3.9 heartbeats every flow run (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default) from a thread
+    of its own that wakes every second: 500 jobs in one process ran 500 of them, and sent an event per job
+    every 3 minutes. A job's subflow run belongs to no deployment, so nothing watches those heartbeats (the
+    crash automation, kling_tasks.recovery, watches deployment runs): the batch's own run, started before
+    this block, keeps its heartbeat, and a lost worker is found by it.
+    """
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        async with gated_prefect_client():
+            yield

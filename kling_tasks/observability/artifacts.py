@@ -11,7 +11,8 @@ The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS
 that all the jobs open in the process write at most 5 pictures a second (500 jobs: each every 100 s; the ledger's
 messenger holds the newest change back, kling_tasks.messenger), always at the job's end, on its failure and when
 its ledger closes, and never when their content did not change: each write is an HTTP call and an event.
-A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run.
+A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run; a
+new job's first picture is its first change's (an all-pending ledger is not written).
 One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
 artifact helpers would hand back un-awaited coroutines when called from the async flow.
 """
@@ -19,12 +20,15 @@ artifact helpers would hand back un-awaited coroutines when called from the asyn
 from __future__ import annotations
 
 import base64
+import contextvars
+import functools
 import json
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +177,19 @@ def shared_client() -> SyncPrefectClient:
         return client
 
 
+# A job's end writes four artifacts; one after another they cost four round trips to a busy server before its
+# run may end (the ledger's flush waits for them). Shared by every job of the process, so that 500 jobs ending
+# together send at most this many writes at once.
+_WRITERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="artifact-writes")
+
+
+def _together(writes: list[Callable[[], None]]) -> None:
+    """Run independent artifact writes at once (each in this thread's context: the run's logger) and wait."""
+    futures = [_WRITERS.submit(contextvars.copy_context().run, write) for write in writes]
+    for future in futures:
+        future.result()
+
+
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     try:
         return get_run_logger()
@@ -244,28 +261,41 @@ class ArtifactPublisher:
                            else client.read_flow_run(self.flow_run_id).tags or [])
                 if not set(self.run_tags) <= set(current):
                     client.update_flow_run(self.flow_run_id, tags=sorted({*current, *self.run_tags}))
-        self.changed(manifest)
+        if any(step.status != "pending" for step in manifest.steps):
+            self.changed(manifest)  # a rerun: its Cached steps show at once
+        # A new job's all-pending picture says nothing its flow run's page does not: the first change (held
+        # back by the messenger like every other) creates the bar and the table, a write pair fewer per job.
+
+    def _attempt(self, what: str, write: Callable[..., object], *args: Any) -> None:
+        with self._best_effort(what):
+            write(*args)
+
+    def _pictures(self, manifest: Manifest) -> list[Callable[[], None]]:
+        """The progress bar's and the table's writes: independent of each other, each best effort."""
+        return [functools.partial(self._attempt, "the progress artifact", self._publish_progress, manifest),
+                functools.partial(self._attempt, "the steps table", self._publish_table, manifest)]
 
     def changed(self, manifest: Manifest, transition: object = None) -> None:
         """Any ledger change: the progress bar and the table show the whole ledger, so the transition
         itself is not needed."""
-        with self._best_effort("the progress artifact"):
-            self._publish_progress(manifest)
-        with self._best_effort("the steps table"):
-            self._publish_table(manifest)
+        _together(self._pictures(manifest))
 
     def failed(self, manifest: Manifest) -> None:
-        self.changed(manifest)
-        self._publish_summary(manifest, video_link=None, sheet=None)
+        _together([*self._pictures(manifest),
+                   functools.partial(self._publish_summary, manifest, video_link=None, sheet=None)])
 
     def finished(self, manifest: Manifest, final: StoredObject, sheet: StoredObject | None) -> None:
-        self.changed(manifest)
         video_link = None
         with self._best_effort("the video link"):
             video_link = self.link_to(final)
-            self._create(self.keys.video, "markdown", f"[{final.uri}]({video_link})",
-                         f"Final video of {manifest.job_id} ({final.size} bytes, sha256 {final.sha256[:12]})")
-        self._publish_summary(manifest, video_link=video_link, sheet=sheet)
+        writes = self._pictures(manifest)
+        if video_link is not None:
+            writes.append(functools.partial(
+                self._attempt, "the video link", self._create, self.keys.video, "markdown",
+                f"[{final.uri}]({video_link})",
+                f"Final video of {manifest.job_id} ({final.size} bytes, sha256 {final.sha256[:12]})"))
+        writes.append(functools.partial(self._publish_summary, manifest, video_link=video_link, sheet=sheet))
+        _together(writes)
 
     def link_to(self, stored: StoredObject) -> str:
         """A presigned URL for S3; a file:// URL of the path for a local folder (the path stays readable)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from typing import Any
 
 import httpx
@@ -13,7 +14,7 @@ from prefect import flow, get_client
 from prefect.context import get_run_context
 
 from kling_tasks import prefect_api
-from kling_tasks.prefect_api import GatedTransport, gated_prefect_client
+from kling_tasks.prefect_api import GatedTransport, gated_prefect_client, jobs_in_this_process
 
 pytestmark = pytest.mark.anyio
 
@@ -89,3 +90,32 @@ async def test_runs_in_the_block_share_its_client(prefect_server: Any) -> None:
         assert await job_run() == id(shared), "a flow run started in the block uses the block's client"
         assert (await shared.hello()).status_code == 200
     assert get_client() is not shared
+
+
+async def test_subflows_in_the_jobs_block_start_no_heartbeat_thread(prefect_server: Any) -> None:
+    """Prefect heartbeats every flow run from a thread of its own; a batch's job subflows start none (nothing
+    watches a subflow's heartbeats), while the batch's own run, started before the block, keeps its thread."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    def heartbeat_threads() -> int:
+        # Prefect's heartbeat thread has no name: it is the one running its `heartbeat_loop` (Thread._args)
+        return sum(any(getattr(arg, "__name__", "") == "heartbeat_loop" for arg in getattr(thread, "_args", ()))
+                   for thread in threading.enumerate())
+
+    @flow
+    async def job_run() -> int:
+        return heartbeat_threads()
+
+    @flow
+    async def batch_run() -> tuple[int, int, int]:
+        batch_only = heartbeat_threads()
+        async with jobs_in_this_process():
+            inside = await job_run()
+        alone = await job_run()  # after: a finished subflow's thread may outlive it by a second
+        return batch_only, alone, inside
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        batch_only, alone, inside = await batch_run()
+    assert batch_only >= 1, "the batch's own run heartbeats"
+    assert alone == batch_only + 1, "a subflow outside the block starts its own heartbeat thread"
+    assert inside == batch_only, "a job's subflow in the block starts none"

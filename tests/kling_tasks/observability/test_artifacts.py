@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
 from pathlib import Path
 
@@ -151,11 +152,52 @@ def test_unchanged_pictures_and_known_tags_are_not_written_again(tmp_path: Path,
     tagged = ArtifactPublisher(LocalSink(tmp_path), "job-1", uuid.uuid4(), ("job:job-1",),
                                flow_run_tags=["job:job-1", "other"])
     tagged.started(manifest(["pending"]))
-    tagged.changed(manifest(["pending"]))  # a status word the ledger does not keep: the same picture
+    assert client.calls == [], "the run already carries its tags (no read, no write); all pending: no picture yet"
     tagged.changed(manifest(["submitted"]))
-    assert client.calls == ["create job-1-progress", "create job-1-steps", "update", "update"], \
-        "the run already carries its tags (no read, no write); an unchanged picture is not written"
+    tagged.changed(manifest(["submitted"]))  # a status word the ledger does not keep: the same picture
+    tagged.changed(manifest(["succeed"]))
+    assert sorted(client.calls) == ["create job-1-progress", "create job-1-steps", "update", "update"], \
+        "the first change creates the pictures; an unchanged picture is not written"
+    client.calls.clear()
+    rerun = ArtifactPublisher(LocalSink(tmp_path), "job-3", uuid.uuid4(), ("job:job-3",), flow_run_tags=["job:job-3"])
+    rerun.started(manifest(["stored", "pending"]))
+    assert sorted(client.calls) == ["create job-3-progress", "create job-3-steps"], \
+        "a rerun shows its Cached steps at once"
     client.calls.clear()
     untagged = ArtifactPublisher(LocalSink(tmp_path), "job-2", uuid.uuid4(), ("job:job-2",), flow_run_tags=["x"])
     untagged.started(manifest(["pending"]))
     assert client.calls[0] == "tag job:job-2,x", "tags the run lacks are added, from the tags it was created with"
+
+
+class MeetingClient(RecordingClient):
+    """Each write waits until `parties` writes are in flight together (a barrier): writes sent one after another
+    never meet, and each fails after the barrier's timeout."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=10)
+
+    def create_artifact(self, artifact: object) -> object:
+        self.barrier.wait()
+        return super().create_artifact(artifact)
+
+    def update_artifact(self, artifact_id: uuid.UUID, update: object) -> None:
+        self.barrier.wait()
+        super().update_artifact(artifact_id, update)
+
+
+def test_a_jobs_last_writes_go_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The end's progress bar, table, video link and summary are sent at once: the job's run waits for them."""
+    publisher = ArtifactPublisher(LocalSink(tmp_path), "job-1", uuid.uuid4(), flow_run_tags=[])
+    monkeypatch.setattr(artifacts, "_CLIENTS", {})
+    monkeypatch.setattr(artifacts, "get_client", lambda **_: MeetingClient(2))
+    publisher.changed(manifest(["submitted"]))  # the bar and the table: created together
+    client = MeetingClient(4)
+    monkeypatch.setattr(artifacts, "_CLIENTS", {})
+    monkeypatch.setattr(artifacts, "get_client", lambda **_: client)
+    final = StoredObject(uri=str(tmp_path / "job-1/final.mp4"), size=1, sha256="0" * 64, key="job-1/final.mp4")
+    with caplog.at_level(logging.WARNING):
+        publisher.finished(manifest(["stored"], status="succeeded"), final, None)
+    assert "could not publish" not in caplog.text
+    assert sorted(client.calls) == ["create job-1-summary", "create job-1-video", "update", "update"]
