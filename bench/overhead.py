@@ -11,8 +11,11 @@ x the time scale, concurrency N) and a local folder. Per job, from the batch's e
   detection per step  Σ (first answer that showed a task ended - its end) / S, from the emulator's clock; the
                      pipeline's own time per step is the overhead less this (goal 1 bounds it as a share of
                      the task's length)
+  phases             where the pipeline's own time goes (bench/phases.py): subflow start, first create,
+                     hand-offs, end
 A warm-up batch first teaches the account's task lengths (the learned poll schedule) and warms Prefect's
-client. Polls per task come from the emulator's counts.
+client; then empty task and subflow runs measure Prefect's own CPU per step here (bench/prefect_floor.py).
+Polls per task come from the emulator's counts.
 
 Two loads, each at every N (steady first):
   burst   every job starts at once and the tasks all last --task-seconds: the N jobs' submits, stores and
@@ -20,8 +23,9 @@ Two loads, each at every N (steady first):
           per step / cores); a stress test: does one process carry N jobs, and does its CPU per step hold?
   steady  the same work rate at every N: jobs start 1/--rate s apart over one task length, and the tasks last
           N / --rate s (the emulator's time scale follows), so N jobs are in flight at once while the steps
-          fall due at the same rate at every N. What grows from 50 to 500 here is what carrying more
-          concurrent jobs costs (the goal's ratio), not a longer queue for the cores. Each N gets its own
+          fall due at the same rate at every N (by default the rate of 500 jobs of Kling's 320 s tasks).
+          What grows from 50 to 500 here is what carrying more concurrent jobs costs (the goal's ratio), not
+          a longer queue for the cores. Each N gets its own
           emulator; its account starts from the warm-up's learned task lengths, rescaled to its time scale.
 
     .venv/bin/python bench/overhead.py                 # N = 50, 200, 500 on PostgreSQL when available
@@ -43,8 +47,12 @@ from typing import Any
 import api_calls
 import common
 import phases
+import prefect_floor
 
 EXTEND_LATENCY = 320.0
+# The steady load's rate: 500 jobs in flight with Kling's own 320 s extensions start a step every 0.64 s, so at
+# N = 500 the tasks last Kling's 320 s, and every smaller N gets the same rate with shorter tasks.
+STEADY_RATE = 500 / EXTEND_LATENCY
 
 
 def make_jobs(count: int, steps: int, dest: str, tag: str) -> list[Any]:
@@ -211,7 +219,8 @@ def report(row: dict[str, Any]) -> None:
           f"{row['leases_expired']} slot lease(s) expired", flush=True)
     ph = row["pipeline_phases_per_step_s"]
     print(f"  pipeline's own time per step, {ph.get('jobs')} jobs: subflow start {ph.get('subflow_start')} s, first "
-          f"create {ph.get('first_create')} s, hand-offs {ph.get('hand_offs')} s, end {ph.get('end')} s, "
+          f"create {ph.get('first_create')} s, hand-offs {ph.get('hand_offs')} s, end {ph.get('end')} s (wait "
+          f"{ph.get('end_wait')}, store {ph.get('end_store')}, finish {ph.get('end_finish')}), "
           f"outside the run {ph.get('outside')} s", flush=True)
     pc = row["prefect_calls_per_step"]
     print(f"  per step: {pc['http_total']} HTTP calls to Prefect, {pc['events_total']} events, "
@@ -224,8 +233,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="S: 1 generation + S-1 extensions (default 2)")
     parser.add_argument("--task-seconds", type=float, default=10.0,
                         help="burst: wall seconds of an extension (the emulator's time scale; default 10)")
-    parser.add_argument("--rate", type=float, default=2.5,
-                        help="steady: jobs started per second; an extension lasts N / rate s (default 2.5)")
+    parser.add_argument("--rate", type=float, default=STEADY_RATE,
+                        help=f"steady: jobs started per second; an extension lasts N / rate s (default "
+                             f"{STEADY_RATE:g}: 500 jobs of Kling's 320 s)")
     parser.add_argument("--loads", default="burst,steady", help="which loads (default burst,steady)")
     parser.add_argument("--sqlite", action="store_true", help="the Prefect server on SQLite, not PostgreSQL")
     parser.add_argument("--warm-up", type=int, default=3, help="jobs of the warm-up batch (default 3)")
@@ -257,6 +267,9 @@ def main() -> None:
         print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
         results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w", calls)
         learned_on = account_now()
+        results["prefect_floor"] = floor = prefect_floor.measure(10 if args.quick else 100, args.steps)
+        print(f"Prefect's own CPU: {floor['task_run_ms']} ms per empty task run, {floor['subflow_run_ms']} ms per "
+              f"empty subflow run: {floor['per_step_ms']} ms per step", flush=True)
         results["runs"], results["steady"] = [], []
         # Steady first: after a burst of 500 jobs the Prefect server digests their events for minutes, which
         # doubled its CPU per step in a steady run after it.

@@ -41,7 +41,10 @@ def _machine(figures: dict[str, Any]) -> list[str]:
     return [f"{m['cpus']} cores, Python {m['python']}, {m['platform']}. The machine is shared with other engineers' "
             "test suites; each part's end (UTC) and load average (1 min) at its start / end: "
             + ", ".join(f"{n} {d}, {a:g} / {b:g}" for n, d, a, b in loads) + ". Wall-clock figures move with the "
-            "load (±30 % and more); polls, request counts and the model's figures do not."]
+            "load (±30 % and more); polls, request counts and the model's figures do not."
+            + (f" The machine's speed: {m['python_loop_ms']:g} ms of CPU for a fixed pure-Python loop "
+               "(`bench/common.py` python_loop_ms; the machines here have differed by 2x from one session to the "
+               "next: compare CPU figures of two runs through it)." if m.get("python_loop_ms") else "")]
 
 
 def polling(p: dict[str, Any] | None) -> list[str]:

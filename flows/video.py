@@ -27,6 +27,7 @@ from kling_tasks.slots import account_slot, ensure_account_limit
 from kling_tasks.step_results import Rendered, StartImage
 from kling_tasks.steps import step_length_key, store_into_ledger, submit_step, wait_step
 from kling_tasks.storage import StoredObject
+from kling_tasks.transfers import run_transfer
 
 
 class KlingStepFailed(RuntimeError):
@@ -137,7 +138,10 @@ async def produce_video(job: VideoJob, resubmit_failed: bool = False, replace: b
         finally:  # what was paid for is stored before we stop
             await asyncio.gather(*clips, *stores, return_exceptions=True)
         raise_failed_store([*stores, *clips])
-        final = await asyncio.to_thread(ledger.finish)
+        # A transfer (final.mp4's copy, the contact sheet's read of it), then the job's last artifacts, awaited
+        # without holding a thread of the loop's pool (kling_tasks.transfers).
+        final = await run_transfer(ledger.finish, flush=False)
+        await ledger.flushed()
     logger.info("final video: %s (%d bytes, sha256 %s)", final.uri, final.size, final.sha256)
     return final.uri
 

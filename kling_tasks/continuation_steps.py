@@ -31,6 +31,7 @@ from kling_tasks.step_results import StartImage
 from kling_tasks.steps import PERSISTED, retry_if_storage_transient, store_proven
 from kling_tasks.storage import Sink, StorageError, StoredObject, open_sink
 from kling_tasks.storage.base import sha256_of
+from kling_tasks.transfers import run_transfer
 
 _STORAGE_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2),
                                     "retry_condition_fn": retry_if_storage_transient}
@@ -79,7 +80,7 @@ async def start_frame_step(job_id: str, step: PlannedStep, clip: StoredObject, d
     logger = get_run_logger()
     sink = open_sink(dest)
     with tempfile.TemporaryDirectory(prefix="kling-frame-") as folder:
-        local = await asyncio.to_thread(fetch_clip, sink, clip, Path(folder))
+        local = await run_transfer(fetch_clip, sink, clip, Path(folder))
         try:
             frame = await asyncio.to_thread(start_frame, local)
         except FrameError as exc:
@@ -105,15 +106,15 @@ async def stitch_step(job_id: str, step: PlannedStep, task_id: str, clips: list[
         logger.info("already stitched at %s (sha256 %s)", existing.uri, existing.sha256)
         return Stitched(stored=existing, method=None, seconds=None)
     if len(clips) == 1:  # the generation alone: the clip is the video so far
-        stored = await asyncio.to_thread(sink.copy, clips[0].key, key)
+        stored = await run_transfer(sink.copy, clips[0].key, key)
         return Stitched(stored=stored, method="copy", seconds=None)
     metadata = {"job_id": job_id, "task_id": task_id, "step": str(step.index),
                 "external_task_id": step.external_task_id}
     with tempfile.TemporaryDirectory(prefix="kling-stitch-") as folder:
-        paths = [await asyncio.to_thread(fetch_clip, sink, clip, Path(folder)) for clip in clips]
+        paths = [await run_transfer(fetch_clip, sink, clip, Path(folder)) for clip in clips]
         out = Path(folder) / "stitched.mp4"
-        report = await asyncio.to_thread(stitch_clips, paths, out)
-        stored = await asyncio.to_thread(sink.store_file, out, key, metadata=metadata)
+        report = await run_transfer(stitch_clips, paths, out)
+        stored = await run_transfer(sink.store_file, out, key, metadata=metadata)
     logger.info("stitched %d clips into %s by %s: %d frames (%d seam frames left out), %d bytes, sha256 %s",
                 len(clips), stored.uri, report.method, report.frames, report.dropped, stored.size, stored.sha256)
     return Stitched(stored=stored, method=report.method, seconds=report.seconds)

@@ -15,23 +15,27 @@ complete. The interval also grows with the jobs open in this process, so that al
 most WRITES_PER_SECOND changes a second: each artifact write costs the worker and the Prefect server CPU, and
 500 jobs in one process must not cost 10x what 50 do.
 
-`close()` (the job's ledger is closed) tells what is held and ends the thread.
+`close()` (the job's ledger is closed) tells what is held and ends the thread. `flushed()` is `flush()` for
+the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 
+FLUSH_TIMEOUT = 120.0  # seconds a job's end waits for its observers before it warns and goes on
 WRITES_PER_SECOND = 5.0  # all open jobs' throttled observers together, at most (their interval stretches)
 
 # Hooks that hand a coalescing observer the whole ledger: each supersedes a `changed` waiting before it.
@@ -42,7 +46,7 @@ _WHOLE_LEDGER = ("changed", "failed", "finished")
 class _Note:
     hook: str
     args: tuple[Any, ...]
-    done: threading.Event | None = field(default=None)  # set once every note before it was delivered
+    done: Future[None] | None = field(default=None)  # done once every note before it was delivered
 
 
 class Messenger:
@@ -89,13 +93,28 @@ class Messenger:
             self._closed = True
             self._notes.put(_Note("close", ()))
 
-    def flush(self, timeout: float = 120.0) -> None:
-        """Wait until everything told so far has been delivered (the end of a job: artifacts are complete)."""
+    def caught_up(self) -> Future[None]:
+        """Done once everything told so far has been delivered (at once if the messenger is closed)."""
+        done: Future[None] = Future()
         if self._closed:
-            return
-        done = threading.Event()
-        self._notes.put(_Note("", (), done))
-        if not done.wait(timeout):
+            done.set_result(None)
+        else:
+            self._notes.put(_Note("", (), done))
+        return done
+
+    def flush(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Wait until everything told so far has been delivered (the end of a job: artifacts are complete)."""
+        try:
+            self.caught_up().result(timeout)
+        except TimeoutError:
+            logger.warning("observers of the ledger did not catch up within %.0f s", timeout)
+
+    async def flushed(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """flush() for the event loop: it waits without holding a thread of the loop's pool, which has few
+        (a job's last artifact writes are round trips to a server that may be busy)."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.caught_up()), timeout)
+        except TimeoutError:
             logger.warning("observers of the ledger did not catch up within %.0f s", timeout)
 
     def _deliver(self) -> None:
@@ -130,7 +149,7 @@ class Messenger:
                 self._tell_held(index, observer)
         for note in batch:
             if note.done is not None:
-                note.done.set()
+                note.done.set_result(None)
         return not closing
 
     def _next_batch(self) -> list[_Note]:

@@ -165,6 +165,10 @@ class JobRecorder:
         """Wait until the observers have been told everything (a job's end: its artifacts are complete)."""
         self._messenger.flush()
 
+    async def flushed(self) -> None:
+        """flush() for the event loop, holding no thread while it waits."""
+        await self._messenger.flushed()
+
     def save(self) -> None:
         with self._lock:
             self.manifest.updated_at = _now()
@@ -272,8 +276,9 @@ class JobRecorder:
         self._transition(step, "stored", {"stitched_by": method}, status="stored", uri=stored.uri,
                          size=stored.size, sha256=stored.sha256, stitched_by=method, total_seconds=seconds)
 
-    def finish(self) -> StoredObject:
-        """Publish the last step's video as final.mp4 (a server-side copy, not a second download)."""
+    def finish(self, *, flush: bool = True) -> StoredObject:
+        """Publish the last step's video as final.mp4 (a server-side copy, not a second download), then tell the
+        observers and (unless `flush` is off: the caller awaits flushed()) wait until they are told."""
         last = self.plan.steps[-1]
         final = self.sink.head(final_key(self.plan.job_id))
         unchanged = final is not None and final.sha256 == self.manifest.steps[-1].sha256
@@ -283,7 +288,8 @@ class JobRecorder:
         self.manifest.status = "succeeded"
         self.save()
         self._notify("finished", final, self._contact_sheet(final, reuse=unchanged))
-        self.flush()
+        if flush:
+            self.flush()
         return final
 
     def _contact_sheet(self, final: StoredObject, *, reuse: bool) -> StoredObject | None:

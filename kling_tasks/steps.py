@@ -35,6 +35,7 @@ from kling_tasks.manifest import clip_key, step_key
 from kling_tasks.settings import KlingSettings, load_settings
 from kling_tasks.step_results import Rendered, StartImage, Submission
 from kling_tasks.storage import DownloadError, Sink, StorageError, StoredObject, open_sink
+from kling_tasks.transfers import run_transfer
 
 BACKPRESSURE_MAX_DELAY = 30.0
 EXPIRED_LINK = {401, 403, 410}  # what a signed result URL answers once it has lapsed
@@ -297,8 +298,8 @@ async def _download(settings: KlingSettings, sink: Sink, kind: TaskKind, task_id
         if snap.video is None:
             raise RuntimeError(f"Kling task {task_id} has no video to store (status {snap.task_status})")
         try:
-            return await asyncio.to_thread(sink.store_from_url, snap.video.url, key, metadata=metadata,
-                                           allow_private=settings.allow_private_urls)
+            return await run_transfer(sink.store_from_url, snap.video.url, key, metadata=metadata,
+                                      allow_private=settings.allow_private_urls)
         except DownloadError as exc:
             # A signed URL refused as expired (403/410) may have lapsed since Kling handed it out: a fresh one,
             # once. The store task's retries would not help: they only retry what they call transient.

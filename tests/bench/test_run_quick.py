@@ -45,6 +45,12 @@ def test_every_benchmark_produces_its_figures_and_the_page(prefect_server: Any, 
         "the detection delay is measured (the emulator's final_seen_at) for every job"
     assert all(r["prefect_calls_per_step"]["events"].get("prefect.task-run.*", 0) >= 9 for r in loads), \
         "the Prefect calls are counted: three task runs per step, each Pending, Running, Completed"
+    assert all(r["pipeline_phases_per_step_s"]["jobs"] == r["jobs"] for r in loads), \
+        "every job's own time is split into its phases (its flow run, task runs and the emulator's clock)"
+    assert all(r["pipeline_phases_per_step_s"][k] >= 0 for r in loads for k in ("subflow_start", "end_store")), \
+        "phases are spans in order"
+    floor = overhead["prefect_floor"]
+    assert floor["task_run_ms"] > 0 and floor["subflow_run_ms"] > 0, "Prefect's own CPU per empty run is measured"
     batch = result("batch", output)
     assert batch["batch"]["tasks"] == batch["jobs"] * batch["steps"] and batch["baseline"]["wall_s"] > 0
     makespan = result("makespan", output)

@@ -4,7 +4,10 @@ other observers still hear everything; closing the ledger tells what is held and
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +142,35 @@ def test_transitions_still_reach_a_throttled_observer_in_order(tmp_path: Path,
             time.sleep(0.15)  # each change after the interval: each is told
         recorder.flush()
     assert observer.transitions == [(0, "submitting"), (1, "submitting")]
+
+
+class SlowAtTheEnd(FakeObserver):
+    """Its `finished` waits until released: a job's last artifact writes to a busy server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def finished(self, manifest: Manifest, final: Any, sheet: Any) -> None:
+        self.release.wait(30)
+        super().finished(manifest, final, sheet)
+
+
+def test_the_async_flush_waits_for_the_end_without_holding_a_pool_thread(tmp_path: Path) -> None:
+    slow = SlowAtTheEnd()
+    recorder, sink, plan = make(tmp_path, slow)
+
+    async def end_of_job() -> list[str]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        with recorder:
+            run_steps(recorder, sink, plan)
+            recorder.finish(flush=False)
+            flushing = asyncio.ensure_future(recorder.flushed())
+            # the loop's only pool thread is free while the flush waits: a ledger write would not queue
+            assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=10) == "free"
+            assert not flushing.done(), "the observer has not been told the end yet"
+            slow.release.set()
+            await asyncio.wait_for(flushing, timeout=10)
+        return [hook for hook, _, _ in slow.calls]
+
+    assert asyncio.run(end_of_job())[-1] == "finished", "flushed() returned once the end was told"

@@ -51,7 +51,8 @@ class InsideCounter(httpx.AsyncBaseTransport):
 
 
 async def health_checks(transport: httpx.AsyncBaseTransport, api_url: str, count: int) -> list[int]:
-    async with httpx.AsyncClient(transport=transport, base_url=api_url) as client:
+    # httpx's 5 s default would count a loaded machine's queue for the pool as a failure (PoolTimeout)
+    async with httpx.AsyncClient(transport=transport, base_url=api_url, timeout=60) as client:
         answers = await asyncio.gather(*(client.get("/health") for _ in range(count)))
     return [answer.status_code for answer in answers]
 
