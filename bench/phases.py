@@ -63,6 +63,11 @@ def _ends(task_runs: list[Any], prefix: str) -> list[float]:
     return [end for t in task_runs if t.name.startswith(prefix) and (end := _ms(t.end_time)) is not None]
 
 
+def _recorded(task_runs: list[Any], steps: int) -> bool:
+    """The server recorded the end of every step's wait and store (from their events, seconds late when busy)."""
+    return len(_ends(task_runs, "wait-")) >= steps and len(_ends(task_runs, "store-")) >= steps
+
+
 def _ms(moment: datetime | None) -> float | None:
     return None if moment is None else moment.timestamp() * 1000
 
@@ -71,11 +76,9 @@ def job_phases(run: Any, task_runs: list[Any], tasks: list[dict[str, Any]], seen
                wall_s: float) -> dict[str, float] | None:
     """One job's pieces in seconds (summed over its steps); None when a timestamp is missing."""
     created, started, ended = _ms(run.created), _ms(run.start_time), _ms(run.end_time)
-    waits, stores = _ends(task_runs, "wait-"), _ends(task_runs, "store-")
-    # The server records task runs from their events, seconds late when it is busy: every step's or nothing.
-    if created is None or started is None or ended is None or not tasks or len(waits) < len(tasks) or not stores:
-        return None
-    wait_end, store_end = max(waits), max(stores)
+    if created is None or started is None or ended is None or not tasks or not _recorded(task_runs, len(tasks)):
+        return None  # every step's ends or nothing: a missing last one would make an earlier step's the last
+    wait_end, store_end = max(_ends(task_runs, "wait-")), max(_ends(task_runs, "store-"))
     tasks = sorted(tasks, key=lambda task: task["created_at"])
     seen = [seen_at.get(task["task_id"]) for task in tasks]
     if any(moment is None for moment in seen):
@@ -93,7 +96,7 @@ def phases_per_step(entries: list[Any], stats: dict[str, Any], tag: str, steps: 
     done = [entry for entry in entries if entry.status == "succeeded" and entry.seconds is not None]
     runs, task_runs = asyncio.run(flow_runs_named([entry.job_id for entry in done]))
     for _ in range(RECORDER_WAITS):  # the task runs' last states may not be recorded yet
-        if all(len(_ends(task_runs.get(run.id, []), "wait-")) >= steps for run in runs.values()):
+        if all(_recorded(task_runs.get(run.id, []), steps) for run in runs.values()):
             break
         time.sleep(2)
         runs, task_runs = asyncio.run(flow_runs_named([entry.job_id for entry in done]))
