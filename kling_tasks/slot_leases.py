@@ -92,6 +92,8 @@ class LeaseKeeper:
                 return
             except Exception as exc:
                 gone = isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == GONE
+                if gone and lease_id not in self.leases:
+                    return  # released while its renewal was on the way: the server forgot it, as it should
                 if gone:
                     logger.warning("the account slot's lease %s expired before its renewal; the slot may be given "
                                    "to another holder (Kling answers an extra task with 1303: back-pressure)",

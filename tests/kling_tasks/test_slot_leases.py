@@ -151,3 +151,39 @@ async def test_a_lease_the_server_no_longer_has_is_dropped_not_retried(prefect_s
     assert answers == [410], f"one renewal, answered 410 Gone, not retried: {answers}"
     assert "expired before its renewal" in caplog.text
     assert await active_slots(name) == 0
+
+
+async def test_a_renewal_that_crosses_its_release_is_not_a_lost_lease(prefect_server: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A job that ends while its lease's renewal is on the way releases the lease; the renewal then answers 410.
+    That is the release, not an expiry: no warning (the overhead benchmark counts the warnings as lost slots)."""
+    monkeypatch.setattr(slot_leases, "RENEW_EVERY", 0.2)
+    answers: list[int] = []
+    renewal_sent = asyncio.Event()
+    released = asyncio.Event()
+    real_renew = PrefectClient.renew_concurrency_lease
+
+    async def renew_after_the_release(self: PrefectClient, lease_id: uuid.UUID, lease_duration: float) -> Any:
+        renewal_sent.set()
+        await released.wait()  # the request reaches the server after the job's release
+        try:
+            return await real_renew(self, lease_id=lease_id, lease_duration=lease_duration)
+        except httpx.HTTPStatusError as exc:
+            answers.append(exc.response.status_code)
+            raise
+
+    monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", renew_after_the_release)
+    name = await make_limit(1)
+    async with slot_leases.server_slot(name):
+        [lease_id] = slot_leases.keeper().leases
+        await asyncio.wait_for(renewal_sent.wait(), 10)
+    released.set()
+    for _ in range(50):
+        if answers:
+            break
+        await asyncio.sleep(0.1)
+    assert answers == [410], f"the renewal reached the server after the release: {answers}"
+    assert lease_id not in slot_leases.keeper().leases
+    assert "expired before its renewal" not in caplog.text
+    assert await active_slots(name) == 0
