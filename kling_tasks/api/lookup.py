@@ -118,6 +118,7 @@ class TaskFinder:
 
     _known: ClassVar[dict[tuple[str, str, str], OrderedDict[str, str]]] = {}  # (prov, url, kind) -> ext -> id
     _proofs: ClassVar[set[tuple[str, str, str]]] = set()  # (provider, base_url, form)
+    _tried: ClassVar[set[tuple[str, str, str]]] = set()  # forms put to a control before a first create (believed)
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, client: KlingClient) -> None:
@@ -130,6 +131,7 @@ class TaskFinder:
         with cls._lock:
             cls._known.clear()
             cls._proofs.clear()
+            cls._tried.clear()
 
     # ---- known tasks and proofs -----------------------------------------------------------------------------
 
@@ -252,6 +254,22 @@ class TaskFinder:
 
     # ---- positive controls ----------------------------------------------------------------------------------
 
+    async def believed(self, search: Search, kind: TaskKind, form: Form) -> bool:
+        """Is ``form``'s "not found" before a first create final? Yes once the form is proven. A form not yet
+        proven is put to one control of a task this process knows, once per form and account: the proof costs
+        one GET, and spares every later create the other form and the list scan. A form that fails it (or a
+        process that knows no task yet) keeps them."""
+        if self.is_proven(form):
+            return True
+        if not any(e != search.external_task_id for _, e, _ in self.controls(kind)):
+            return False
+        attempt = (*self._account, form)
+        with self._lock:
+            if attempt in self._tried:
+                return False
+            self._tried.add(attempt)
+        return await self.prove(search, kind, form)
+
     async def prove(self, search: Search, kind: TaskKind, form: Form) -> bool:
         """Is a "not found" from ``form`` evidence here? Runs a positive control unless one is cached."""
         if self.is_proven(form):
@@ -309,13 +327,13 @@ class TaskFinder:
             if answer.outcome == "found":
                 search.found, search.via = pick_oldest(answer.matches, ext), form
                 return search
+            if answer.outcome == "absent" and not need_evidence and await self.believed(search, kind, form):
+                search.proven_absent = form  # a proven form said no: the other forms and the scan add nothing
+                return search
             if answer.outcome in ("unsupported", "error"):
                 log.info("%s lookup of external_task_id %s: %s (%s)", form, ext, answer.outcome, answer.problem)
         absent = [a.form for a in search.answers if a.outcome == "absent"]
-        cached = next((f for f in absent if self.is_proven(f)), None)
-        if cached is not None and not need_evidence:
-            search.proven_absent = cached  # a proven form already said no: the scan would add nothing
-            return search
+        cached = next((f for f in absent if self.is_proven(f)), None)  # (only when evidence is needed)
         found = await self.scan(search, kind)
         if found is not None:
             search.found, search.via = found, "list"

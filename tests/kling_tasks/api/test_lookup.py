@@ -116,6 +116,46 @@ async def test_own_creates_become_controls(make_client, fake) -> None:
     assert client._finder.known("text2video")[-1] == ("job2-s0-first", first.snapshot.task_id)
 
 
+def external_ids_asked(requests: list[httpx.Request]) -> list[str | None]:
+    """Each GET's external id: the query form's parameter, the path form's last segment, None for a list page."""
+    return [r.url.params.get("external_task_id") or (r.url.path.rsplit("/", 1)[-1] if "-s" in r.url.path else None)
+            for r in requests]
+
+
+async def test_a_first_create_proves_the_query_form_once_then_asks_it_alone(make_client, fake) -> None:
+    """Before a first create: the process's first task is looked up by the query form, the path form and the list;
+    the second puts the query form to one control (the first task) and believes its "not found"; from then on a
+    create costs one lookup GET. A task that exists is still found."""
+    async with make_client(fake) as client:
+        await client.submit(T2V, "job2-s0-first")
+        assert external_ids_asked(fake.gets()) == ["job2-s0-first", "job2-s0-first", None]
+        gets = len(fake.gets())
+        await client.submit(T2V, "job2-s0-second")
+        assert external_ids_asked(fake.gets()[gets:]) == ["job2-s0-second", "job2-s0-first"]
+        assert client._finder.is_proven("query")
+        gets = len(fake.gets())
+        fresh = await client.submit(T2V, "job2-s0-third")
+        assert fresh.via == "created" and external_ids_asked(fake.gets()[gets:]) == ["job2-s0-third"]
+        existing = fake.add_task("text2video", "job2-s0-made-elsewhere")
+        found = await client.submit(T2V, "job2-s0-made-elsewhere")
+    assert found.via == "lookup" and found.snapshot.task_id == existing
+    assert len(fake.posts()) == 3
+
+
+async def test_a_query_form_that_fails_its_control_is_put_to_it_once(make_client, fake) -> None:
+    """A server that ignores the query filter fails the control: later creates do not try again (no GET, no
+    warning per create) and keep the path form and the list scan."""
+    fake.query_lookup = False
+    fake.add_task("text2video", "another-s0-1")  # listed beside the control by a server that ignores the filter
+    async with make_client(fake) as client:
+        await client.submit(T2V, "job2-s0-first")
+        for ext in ("job2-s0-second", "job2-s0-third"):
+            await client.submit(T2V, ext)
+        assert not client._finder.is_proven("query")
+        assert len(fake.gets_with(external_task_id="job2-s0-first")) == 2  # its own lookup, then the control once
+    assert len(fake.posts()) == 3
+
+
 @pytest.mark.parametrize("lookup", ["auto", "query", "path", "off"])
 async def test_list_scan_finds_task_on_a_later_page(make_client, fake, lookup: str) -> None:
     fake.query_lookup = fake.path_lookup = False  # both forms broken: only the list can find it

@@ -155,12 +155,12 @@ POST_ROWS = [
     PostRow("5000, unproven: stop", post(code, 5000, 500), 1, PRE + 3, AmbiguousSubmitError),
     PostRow("5000 after creating: adopted", post(code, 5000, 500, after=True), 1, PRE + 1, "lookup"),
     # Proven each round: query, path, list (+ control once), and again after the settle wait in every round that
-    # may resend; the last round (the budget spent) looks once and skips the scan (proof cached).
+    # may resend; the last round (the budget spent) asks the proven query form alone (its "no" is the answer).
     PostRow(
         "5000 always, proven: bounded",
         post(code, 5000, 500, times=99),
         MAX_POSTS,
-        PRE + (4 + 3) + (3 + 3) + 2,
+        PRE + (4 + 3) + (3 + 3) + 1,
         ServerError,
         control=True,
     ),
