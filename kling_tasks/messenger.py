@@ -9,11 +9,14 @@ ledger themselves); every other observer (events: one per transition) gets all.
 An observer may also set `min_interval` (seconds): its `changed` is then held that long from the first change
 that finds none held, and the newest change is told when that time comes, so it is told at most that often (a
 change's followers, like a create's task id or a store right after a video succeeded, come within moments: one
-write shows them all, where telling the first at once cost a second write for the rest). A job's end or failure
-is told at once, and a `flush()` returns only once what was held has been told: a job's last picture is
-complete. The interval also grows with the jobs open in this process, so that all of them together are told at
-most WRITES_PER_SECOND changes a second: each artifact write costs the worker and the Prefect server CPU, and
-500 jobs in one process must not cost 10x what 50 do.
+write shows them all, where telling the first at once cost a second write for the rest). An observer with a
+`quiet_interval` and an `is_quiet(*args)` holds a group of quiet changes only (a status word that moves no
+progress) that long instead: they wait for the next change that matters, or go out on their own later.
+
+A job's end or failure is told at once, and a `flush()` returns only once what was held has been told: a job's
+last picture is complete. The interval also grows with the jobs open in this process, so that all of them
+together are told at most WRITES_PER_SECOND changes a second: each artifact write costs the worker and the
+Prefect server CPU, and 500 jobs in one process must not cost 10x what 50 do.
 
 `close()` (the job's ledger is closed) tells what is held and ends the thread. `flushed()` is `flush()` for
 the event loop.
@@ -61,6 +64,7 @@ class Messenger:
         # Per observer with a min_interval: the newest `changed` held back, and when the first of its group came.
         self._held: dict[int, _Note] = {}
         self._held_since: dict[int, float] = {}
+        self._held_urgent: set[int] = set()  # held groups with a change that is not quiet
         self._notes: queue.SimpleQueue[_Note] = queue.SimpleQueue()
         self._closed = False
         self._throttled = any(float(getattr(o, "min_interval", 0.0) or 0.0) > 0 for o in self.observers)
@@ -82,6 +86,14 @@ class Messenger:
         """How long `observer`'s changes are held: its min_interval, stretched to the process's write budget."""
         base = float(getattr(observer, "min_interval", 0.0) or 0.0)
         return max(base, Messenger._open / WRITES_PER_SECOND) if base > 0 else 0.0  # 500 jobs: 100 s
+
+    def due(self, index: int) -> float:
+        """When observer `index`'s held group is told: its interval from the first of it (longer if all quiet)."""
+        observer = self.observers[index]
+        interval = self.interval(observer)
+        if index not in self._held_urgent:
+            interval = max(interval, float(getattr(observer, "quiet_interval", 0.0) or 0.0))
+        return self._held_since.get(index, 0.0) + interval
 
     def tell(self, hook: str, *args: Any) -> None:
         if not self._closed:
@@ -140,12 +152,14 @@ class Messenger:
                 elif note.hook == "changed" and interval > 0:
                     self._held_since.setdefault(index, self.clock())
                     self._held[index] = note
+                    if not self._quiet(observer, note):
+                        self._held_urgent.add(index)
                 else:
                     if getattr(observer, "coalesce", False) and note.hook in _WHOLE_LEDGER:
                         self._drop_held(index)  # this hook shows the newer ledger itself
                     self._tell_held(index, observer)
                     self._tell(observer, note)
-            if index in self._held and self.clock() >= self._held_since.get(index, 0.0) + interval:
+            if index in self._held and self.clock() >= self.due(index):
                 self._tell_held(index, observer)
         for note in batch:
             if note.done is not None:
@@ -154,7 +168,7 @@ class Messenger:
 
     def _next_batch(self) -> list[_Note]:
         """Everything waiting; blocks until a note comes or a held change falls due (then maybe nothing)."""
-        due = [self._held_since.get(index, 0.0) + self.interval(self.observers[index]) for index in self._held]
+        due = [self.due(index) for index in self._held]
         timeout = max(0.0, min(due) - self.clock()) if due else None
         try:
             batch = [self._notes.get(timeout=timeout)]
@@ -168,6 +182,7 @@ class Messenger:
 
     def _drop_held(self, index: int) -> _Note | None:
         self._held_since.pop(index, None)
+        self._held_urgent.discard(index)
         return self._held.pop(index, None)
 
     def _tell_held(self, index: int, observer: object) -> None:
@@ -180,6 +195,11 @@ class Messenger:
             getattr(observer, note.hook)(*note.args)
         except Exception as exc:  # observability must never fail (and so re-pay) a step
             self.on_error(f"publishing the job's {note.hook} state ({type(observer).__name__})", exc)
+
+    @staticmethod
+    def _quiet(observer: object, note: _Note) -> bool:
+        is_quiet = getattr(observer, "is_quiet", None)
+        return bool(is_quiet(*note.args)) if is_quiet is not None else False
 
     @staticmethod
     def _superseded(observer: object, batch: list[_Note], position: int) -> bool:

@@ -9,8 +9,9 @@ Keys (Prefect's lowercase-dash form, so they list on the Artifacts page and vers
 Everything here is best effort: a Prefect API hiccup logs a warning and never fails (or re-pays) a step.
 The progress bar and the table are written at most once per MIN_INTERVAL_SECONDS (5 s) per job, stretched so
 that all the jobs open in the process write at most 5 pictures a second (500 jobs: each every 100 s; the ledger's
-messenger holds the newest change back, kling_tasks.messenger), always at the job's end, on its failure and when
-its ledger closes, and never when their content did not change: each write is an HTTP call and an event.
+messenger holds the newest change back, kling_tasks.messenger; a change that only shows Kling's status word waits
+up to QUIET_INTERVAL_SECONDS for one that moves the bar), always at the job's end, on its failure and when its
+ledger closes, and never when their content did not change: each write is an HTTP call and an event.
 A rerun publishes the whole ledger when it starts, so Cached steps show the same picture as the first run; a
 new job's first picture is its first change's (an all-pending ledger is not written).
 One sync client per process (shared_client) is used on purpose: the recorder is synchronous, and Prefect's
@@ -52,6 +53,10 @@ INLINE_IMAGE_MAX_BYTES = 256 * 1024  # a local sheet up to this size is embedded
 # apart on a busy worker, so one second merged almost none of them (bench/overhead.py); five merge the create's
 # and the end's, and a picture five seconds old is fresh for a Kling task of minutes.
 MIN_INTERVAL_SECONDS = 5.0
+# A status word alone (Kling's `processing`) moves no progress: it waits this long for the next change that does
+# (a success, a store), which shows it too. Kling's tasks last minutes, so a long one still shows it on its own;
+# a write pair per step fewer (bench/overhead.py: 5 artifact writes per step before).
+QUIET_INTERVAL_SECONDS = 60.0
 _STAGE_WEIGHT = {"pending": 0, "submitting": 0, "submitted": 1, "processing": 1, "succeed": 2, "failed": 2, "stored": 3}
 _KEY_JUNK = re.compile(r"[^a-z0-9-]+")
 
@@ -202,6 +207,7 @@ class ArtifactPublisher:
 
     coalesce = True  # it shows the whole ledger: of several changes waiting, the newest is enough
     min_interval = MIN_INTERVAL_SECONDS
+    quiet_interval = QUIET_INTERVAL_SECONDS
 
     def __init__(self, sink: Sink, job_id: str, flow_run_id: UUID, run_tags: tuple[str, ...] = (),
                  clock: Callable[[], float] = time.monotonic, flow_run_tags: list[str] | None = None) -> None:
@@ -274,6 +280,11 @@ class ArtifactPublisher:
         """The progress bar's and the table's writes: independent of each other, each best effort."""
         return [functools.partial(self._attempt, "the progress artifact", self._publish_progress, manifest),
                 functools.partial(self._attempt, "the steps table", self._publish_table, manifest)]
+
+    @staticmethod
+    def is_quiet(manifest: Manifest, transition: object = None) -> bool:
+        """A change that only shows Kling's status word (the messenger holds it for QUIET_INTERVAL_SECONDS)."""
+        return getattr(transition, "stage", None) == "status"
 
     def changed(self, manifest: Manifest, transition: object = None) -> None:
         """Any ledger change: the progress bar and the table show the whole ledger, so the transition

@@ -19,7 +19,7 @@ from kling_tasks.manifest import Manifest
 from kling_tasks.messenger import Messenger
 from kling_tasks.recorder import JobRecorder
 from kling_tasks.storage import LocalSink
-from tests.kling_tasks.test_recorder import FakeObserver, make, run_steps, submission
+from tests.kling_tasks.test_recorder import FakeObserver, make, rendered, run_steps, submission
 
 
 class Throttled(FakeObserver):
@@ -174,3 +174,50 @@ def test_the_async_flush_waits_for_the_end_without_holding_a_pool_thread(tmp_pat
         return [hook for hook, _, _ in slow.calls]
 
     assert asyncio.run(end_of_job())[-1] == "finished", "flushed() returned once the end was told"
+
+
+class QuietStatus(Throttled):
+    """Holds a change that only shows a status word for `quiet` seconds (as the artifacts do)."""
+
+    def __init__(self, interval: float, quiet: float) -> None:
+        super().__init__(interval)
+        self.quiet_interval = quiet
+
+    @staticmethod
+    def is_quiet(manifest: Manifest, transition: Any = None) -> bool:
+        return getattr(transition, "stage", None) == "status"
+
+
+def test_a_status_word_alone_waits_for_a_change_that_matters(tmp_path: Path) -> None:
+    """`processing` moves no progress: held past the interval, it goes out with the success that follows."""
+    throttled = QuietStatus(interval=0.2, quiet=30.0)
+    recorder, _, plan = make(tmp_path, throttled)
+    with recorder:
+        recorder.submitting(plan.steps[0])
+        recorder.submitted(plan.steps[0], submission(0))
+        wait_for(lambda: len(throttled.calls) >= 2)  # the create's picture, after the interval
+        recorder.status(plan.steps[0], "processing")
+        time.sleep(0.6)  # three intervals: a change that mattered would have gone out
+        assert len(throttled.calls) == 2, "the status word alone is still held"
+        recorder.status(plan.steps[0], "queued-again")  # a status word the ledger does not keep: quiet too
+        time.sleep(0.3)
+        assert len(throttled.calls) == 2, "still held"
+        recorder.succeeded(plan.steps[0], rendered(0))
+        wait_for(lambda: len(throttled.calls) >= 3)
+        time.sleep(0.3)
+    assert statuses(throttled) == [["submitted", "pending"], ["succeed", "pending"]], \
+        "one write after the create, one with the success; the processing picture was never written alone"
+
+
+def test_a_status_word_alone_goes_out_after_its_quiet_interval(tmp_path: Path) -> None:
+    throttled = QuietStatus(interval=0.1, quiet=0.5)
+    recorder, _, plan = make(tmp_path, throttled)
+    with recorder:
+        recorder.submitted(plan.steps[0], submission(0))
+        wait_for(lambda: len(throttled.calls) >= 2)
+        held_from = time.monotonic()
+        recorder.status(plan.steps[0], "processing")
+        wait_for(lambda: len(throttled.calls) >= 3)
+        told = time.monotonic()
+    assert statuses(throttled)[-1] == ["processing", "pending"]
+    assert told - held_from >= 0.45, "held for the quiet interval, not the interval"
