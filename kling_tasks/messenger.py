@@ -152,7 +152,10 @@ class Messenger:
                 elif note.hook == "changed" and interval > 0:
                     self._held_since.setdefault(index, self.clock())
                     self._held[index] = note
-                    if not self._quiet(observer, note):
+                    if index not in self._held_urgent and not self._quiet(observer, note):
+                        # The group's first change that matters waits its interval for its followers (a
+                        # success's store), however long quiet changes were held before it.
+                        self._held_since[index] = self.clock()
                         self._held_urgent.add(index)
                 else:
                     if getattr(observer, "coalesce", False) and note.hook in _WHOLE_LEDGER:

@@ -221,3 +221,23 @@ def test_a_status_word_alone_goes_out_after_its_quiet_interval(tmp_path: Path) -
         told = time.monotonic()
     assert statuses(throttled)[-1] == ["processing", "pending"]
     assert told - held_from >= 0.45, "held for the quiet interval, not the interval"
+
+
+def test_a_change_that_matters_after_a_held_status_word_still_waits_for_its_followers(tmp_path: Path) -> None:
+    """A success that comes after `processing` was held for a while is not told at once: its store follows
+    within moments, and one write shows both."""
+    throttled = QuietStatus(interval=0.3, quiet=30.0)
+    recorder, sink, plan = make(tmp_path, throttled)
+    step = plan.steps[0]
+    with recorder:
+        recorder.submitted(step, submission(0))
+        wait_for(lambda: len(throttled.calls) >= 2)
+        recorder.status(step, "processing")
+        time.sleep(0.5)  # held longer than the interval
+        recorder.succeeded(step, rendered(0))
+        time.sleep(0.05)
+        recorder.stored(step, sink.write_bytes("job/step-00.mp4", b"not really a video", "video/mp4"))
+        wait_for(lambda: len(throttled.calls) >= 3)
+        time.sleep(0.5)
+    assert statuses(throttled) == [["submitted", "pending"], ["stored", "pending"]], \
+        "one write for the success and its store"
