@@ -263,6 +263,9 @@ def main() -> None:
                            "false", "PREFECT_LOGGING_LEVEL": "WARNING", "KLING_MAX_CONCURRENCY": str(max(sizes) + 10),
                            **common.kling_env(emu.base_url, scale)})
         dest = str(tmp / "out")
+        from kling_tasks.slot_leases import LEASE_SECONDS
+
+        results["slot_lease_s"] = LEASE_SECONDS  # renewed at half-life: the renewals per step follow from it
         calls = stack.enter_context(api_calls.counting(api))
         print(f"warm-up: {args.warm_up} jobs x {args.steps} steps (learns the task lengths) ...", flush=True)
         results["warm_up"] = measure(args.warm_up, args.steps, dest, emu, f"{tag}w", calls)

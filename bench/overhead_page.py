@@ -132,8 +132,9 @@ def _why_cpu(o: dict[str, Any], steady: list[dict[str, Any]], burst: list[dict[s
                  f"{floor['concurrent']} at a time, same server). The rest is the pipeline's work: the Kling client's "
                  "requests (the lookup before the create, the create, the polls, the fresh URL, the download), the "
                  "ledger's writes, the artifact writes and events, the contact sheet's decode.")
+    lease = float(o.get("slot_lease_s", 120))
     text += (" Under the steady load the worker's CPU per step grows with the task's length: a job's slot lease "
-             "(120 s, renewed at half-life) costs a renewal per 60 s of its tasks"
+             f"({lease:g} s, renewed at half-life) costs a renewal per {lease / 2:g} s of its tasks"
              + (f" ({renewals} renewals per step)" if renewals else "") + ". In the burst the worker shares 2 "
              "saturated cores with the Prefect server and PostgreSQL, and every job's calls fall due together."
              + (f" Slot leases that expired before their renewal in the burst: {expired} (renewals wait behind the "

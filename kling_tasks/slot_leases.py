@@ -27,10 +27,12 @@ from prefect.context import AsyncClientContext
 
 logger = logging.getLogger(__name__)
 
-# A crashed holder's slot is back within two minutes (Prefect's minimum is 60 s, its default 300 s). Renewed at
-# half-life: 500 leases acquired in one burst fall due together, and with 60 s renewed at 45 s a loaded server
-# let hundreds expire before their turn came (2026-12-02, the 500-job burst benchmark).
-LEASE_SECONDS = 120.0
+# Prefect's default lease (its minimum is 60 s), about one Kling task's length: a crashed holder's Kling task
+# keeps rendering, and keeps its place in Kling's count, for minutes, so a slot that came back sooner would only
+# let another create meet 1303. Renewed at half-life: 300 s renewed at 150 s is ~2 renewals per Kling task of
+# 320 s where 120 s at 60 s was ~5, a third of a step's Prefect calls at 500 jobs (bench/overhead.py, steady
+# load), and 500 leases acquired in one burst, which fall due together, have minutes of slack, not seconds.
+LEASE_SECONDS = 300.0
 RENEW_EVERY = LEASE_SECONDS / 2
 RENEWALS_AT_ONCE = 16  # the renewer's client has Prefect's 16 connections
 LOCKED = 423  # every slot is held (by other processes: this one asks only when it has a place)

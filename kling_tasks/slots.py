@@ -11,7 +11,8 @@ Two layers, one bound:
   next waiting job at once, resumed videos first.
 
 A slot's lease is renewed while held (kling_tasks.slot_leases: one renewal loop for every lease of the
-process); if the process dies, Prefect frees it when the lease expires (within two minutes).
+process); if the process dies, Prefect frees it when the lease expires (within five minutes, about the
+length of the Kling task it held, which keeps rendering).
 Kling may still refuse a create with 1303 (another client on the account, an expired lease): the submit step
 treats that as back-pressure and waits.
 """

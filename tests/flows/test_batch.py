@@ -114,7 +114,7 @@ def test_a_batch_runs_at_the_accounts_bound_and_pays_once(batch_env: dict[str, s
 @pytest.mark.emulator(concurrency=8)
 def test_a_killed_batch_resumes_without_paying_twice(batch_env: dict[str, str], emulator: Any, tmp_path: Path,
                                                      decode_seconds: Any) -> None:
-    # Eight slots for four jobs: the dead process's leases (freed by Prefect within two minutes) leave room
+    # Eight slots for four jobs: the dead process's leases (freed by Prefect within five minutes) leave room
     # for the rerun, which then adopts every task the killed run had paid for.
     batch_env = {**batch_env, "KLING_MAX_CONCURRENCY": "8"}
     emulator.set_behaviour(unique_external_ids=False)  # a second POST would be a second task

@@ -66,7 +66,7 @@ BATCH_KILLS = 10 if FULL else 0
 CLEAN_RUNS = 2 if FULL else 1  # the span is the shortest whole run: a slow first run makes late moments miss
 MAX_DRAWS = 5  # a case whose run ends before its moment draws again; this many misses in a row fail it
 MAX_RERUNS = 3
-SLOTS = 100  # a killed run keeps its slot's lease for up to 120 s (kling_tasks/slot_leases.py): room for every dead run
+SLOTS = 100  # a killed run keeps its slot's lease for up to 300 s (kling_tasks/slot_leases.py): room for every dead run
 
 
 # ---- one emulator, one moto server, the children's environment ------------------------------------------------
