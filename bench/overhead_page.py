@@ -235,7 +235,28 @@ def overhead(o: dict[str, Any] | None) -> list[str]:
 
 
 HISTORY = [
-    "What changed, measured on this benchmark (issue 12, goal 3). Latest round (2026-12-02, evening), on a machine "
+    "What changed, measured on this benchmark (issue 12, goal 3). Latest round (2026-12-07), on a machine about "
+    "2x faster than the last (a fixed loop's ~36 ms of CPU; the last full run's machine took 86.6). The unchanged "
+    "code's steady runs here (2026-12-07, 23:35-00:10 UTC): the pipeline's own time 0.31 / 0.49 / 0.99 s per step "
+    "at N = 50 / 200 / 500, worker CPU 0.142 / 0.140 / 0.170 s, server CPU 0.341 / 0.379 / 0.566 s, Prefect calls "
+    "11.0 / 12.3 / 15.3 HTTP + 18.0 events per step, of which 0.4 / 1.8 / 4.8 lease renewals. Changes: (1) the "
+    "lookup before a first create ends at a proven form's \"not found\", and a form not yet proven is put to one "
+    "control of a task this process knows, once per form and account: every create used to ask the query form, "
+    "the path form and read a list page of 100 tasks (a third of the Kling client's CPU in a py-spy profile of the "
+    "steady 50-job run); now one GET; (2) slot leases of 300 s renewed at 150 s, Prefect's default and about a "
+    "Kling task's length (were 120 s at 60 s): 2.0 renewals per step at N = 500 instead of 4.8; (3) a change that "
+    "shows only Kling's status word (`processing`) waits up to 60 s for the next change that moves the bar: a "
+    "table write per step fewer when the task ends within a minute of starting to render (N = 50 here: 3.0 -> 2.0 "
+    "artifact PATCHes per step), none for longer tasks (N = 200, 500); (4) a lease renewal that crosses its job's "
+    "release (410) is not warned about as an expired lease (one showed in a quiet 50-job run). The same steady "
+    "runs in this page's full run: own time 0.31 / 0.49 / 0.99 -> 0.27 / 0.37 / 0.77 s, worker CPU 0.142 / 0.140 / "
+    "0.170 -> 0.112 / 0.128 / 0.141 s, server CPU 0.341 / 0.379 / 0.566 -> 0.276 / 0.366 / 0.536 s, Prefect HTTP "
+    "calls 11.0 / 12.3 / 15.3 -> 9.6 / 10.9 / 12.4 per step; 500 / 50 own time 3.2x -> 2.85x. Single runs: at N = "
+    "50 the old code's two runs had 0.31 / 0.30 s of own time and 0.142 / 0.122 s of CPU (the second under "
+    "py-spy), the new code's two 0.30 / 0.27 s and 0.122 / 0.112 s (the first before the lease change), so at 50 "
+    "the runs spread about as much as they moved; at 200 and 500, one run each.",
+    "",
+    "The round before (2026-12-02, evening), on a machine "
     "slower again than the afternoon's: the unchanged code took 0.259 / 0.275 s of worker CPU and 0.593 / 0.601 s "
     "of server CPU per step at steady N = 50 (rate 2.5), where the afternoon's full run had 0.135 and 0.292 s. "
     "The header's machine speed (a fixed loop's CPU ms) is recorded from this round on, so that the next runs can "
