@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -125,15 +126,16 @@ async def test_a_renewal_that_fails_does_not_stop_the_holder(prefect_server: Any
     assert await active_slots(name) == 0, "released all the same"
 
 
-async def test_a_lease_the_server_no_longer_has_is_dropped_not_retried(prefect_server: Any,
-                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """A lease that expired before its turn (a loaded server) answers 410: renewing it again cannot help."""
-    monkeypatch.setattr(slot_leases, "RENEW_EVERY", 0.2)
+def refused_renewals(monkeypatch: pytest.MonkeyPatch,
+                     before_sending: Callable[[], Awaitable[None]] | None = None) -> list[int]:
+    """The HTTP status of every renewal the server refused (filled as they come); `before_sending` is awaited
+    before each renewal goes out."""
     answers: list[int] = []
     real_renew = PrefectClient.renew_concurrency_lease
 
     async def recorded_renew(self: PrefectClient, lease_id: uuid.UUID, lease_duration: float) -> Any:
+        if before_sending is not None:
+            await before_sending()
         try:
             return await real_renew(self, lease_id=lease_id, lease_duration=lease_duration)
         except httpx.HTTPStatusError as exc:
@@ -141,6 +143,15 @@ async def test_a_lease_the_server_no_longer_has_is_dropped_not_retried(prefect_s
             raise
 
     monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", recorded_renew)
+    return answers
+
+
+async def test_a_lease_the_server_no_longer_has_is_dropped_not_retried(prefect_server: Any,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A lease that expired before its turn (a loaded server) answers 410: renewing it again cannot help."""
+    monkeypatch.setattr(slot_leases, "RENEW_EVERY", 0.2)
+    answers = refused_renewals(monkeypatch)
     name = await make_limit(1)
     async with slot_leases.server_slot(name):
         [lease_id] = slot_leases.keeper().leases
@@ -159,21 +170,13 @@ async def test_a_renewal_that_crosses_its_release_is_not_a_lost_lease(prefect_se
     """A job that ends while its lease's renewal is on the way releases the lease; the renewal then answers 410.
     That is the release, not an expiry: no warning (the overhead benchmark counts the warnings as lost slots)."""
     monkeypatch.setattr(slot_leases, "RENEW_EVERY", 0.2)
-    answers: list[int] = []
-    renewal_sent = asyncio.Event()
-    released = asyncio.Event()
-    real_renew = PrefectClient.renew_concurrency_lease
+    renewal_sent, released = asyncio.Event(), asyncio.Event()
 
-    async def renew_after_the_release(self: PrefectClient, lease_id: uuid.UUID, lease_duration: float) -> Any:
+    async def after_the_release() -> None:
         renewal_sent.set()
         await released.wait()  # the request reaches the server after the job's release
-        try:
-            return await real_renew(self, lease_id=lease_id, lease_duration=lease_duration)
-        except httpx.HTTPStatusError as exc:
-            answers.append(exc.response.status_code)
-            raise
 
-    monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", renew_after_the_release)
+    answers = refused_renewals(monkeypatch, before_sending=after_the_release)
     name = await make_limit(1)
     async with slot_leases.server_slot(name):
         [lease_id] = slot_leases.keeper().leases
